@@ -1,0 +1,213 @@
+"""The one place that changes a model: apply a plan atomically, and undo it exactly.
+
+Every change happens inside a transaction: a :class:`~kbitprep._snapshot.Snapshot` is taken first,
+and if any step raises (a backend's fix-up, checkpointing, a hook), every change made so far is
+reverted before the error propagates. The changes of a committed prepare are kept on the model
+(see :func:`prepared_state`) so :func:`undo` can revert them later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._planning import (
+    Plan,
+    check_plan_matches,
+    checkpointing_target,
+    count_input_grad_hooks,
+    input_embeddings,
+)
+from ._snapshot import Changes, Snapshot
+from ._tensors import iter_unique_parameters
+from .errors import NotPreparedError, NotTrainableError, UnsupportedModelError
+from .plugin import CheckpointMode
+
+__all__ = ["PreparedState", "Report", "apply_plan", "prepared_state", "undo"]
+
+_STATE_ATTR = "_kbitprep_state"
+
+#: Steps run after the built-in ones, in order: ``fn(model, plan) -> None``. Extensions of the core
+#: (memory modes) register here; each runs inside the same transaction.
+EXTRA_STEPS: list[tuple[str, Callable[[nn.Module, Plan], None]]] = []
+
+
+@dataclass(frozen=True)
+class Report:
+    """What prepare did: the plan it applied and what it observed while applying it.
+
+    Attributes:
+        plan: the applied :class:`~kbitprep.Plan`.
+        seconds: wall time of the apply.
+        hooks_added: forward hooks added to the model (module name and hook name).
+        steps: the steps run, in order.
+    """
+
+    plan: Plan
+    seconds: float
+    hooks_added: tuple[str, ...]
+    steps: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "plan": self.plan.to_dict(params=False),
+            "seconds": self.seconds,
+            "hooks_added": list(self.hooks_added),
+            "steps": list(self.steps),
+        }
+
+    def __str__(self) -> str:
+        from ._render import render_report
+
+        return render_report(self)
+
+
+@dataclass
+class PreparedState:
+    """Kept on a prepared model: the report and the changes undo reverts."""
+
+    report: Report
+    changes: Changes = field(repr=False)
+
+
+def prepared_state(model: nn.Module) -> PreparedState | None:
+    """The :class:`PreparedState` of a model kbitprep prepared (also through a PEFT wrapper), or ``None``."""
+    for mod in model.modules():
+        state = vars(mod).get(_STATE_ATTR)
+        if isinstance(state, PreparedState):
+            return state
+    return None
+
+
+def _refuse_unusable(model: nn.Module) -> None:
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if not meta:
+        return
+    offloaded = any(hasattr(m, "_hf_hook") for m in model.modules())
+    where = (
+        "offloaded by accelerate (device_map placed them on 'cpu'/'disk' with offloading)"
+        if offloaded
+        else "on the meta device (no weights loaded)"
+    )
+    raise UnsupportedModelError(
+        f"{len(meta)} parameters (e.g. {meta[0]!r}) are {where}; prepare needs every weight materialised. "
+        "Load the model without offloading (a device_map with enough memory, no 'disk' entries); "
+        "kbitprep.plan() works on such models"
+    )
+
+
+def _enable_checkpointing(model: nn.Module, plan: Plan) -> None:
+    target = checkpointing_target(model)
+    if target is None:
+        return
+    kwargs = dict(plan.checkpointing_kwargs)
+    if hasattr(type(target), "activation_checkpointing_enable"):
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    cfg = getattr(target, "config", None)
+    if cfg is not None and getattr(cfg, "use_cache", None):
+        cfg.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+
+
+def _make_inputs_require_grad(module: nn.Module, inputs: Any, output: Any) -> None:
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        output.requires_grad_(True)
+
+
+_make_inputs_require_grad._kbitprep_input_grads = True  # type: ignore[attr-defined]
+
+
+def _install_input_grads_hook(model: nn.Module, plan: Plan) -> None:
+    emb = input_embeddings(model)
+    if emb is None or count_input_grad_hooks(emb):
+        return
+    needs = any(d.input_grads_hook for d in plan.declarations)
+    if plan.checkpointing is CheckpointMode.REENTRANT and needs:
+        emb.register_forward_hook(_make_inputs_require_grad)
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Report:
+    """Apply ``plan`` to ``model`` atomically and record how to undo it. Returns the report.
+
+    Raises:
+        PlanMismatchError: the plan was made for another model.
+        NotTrainableError: the backend declared the model untrainable.
+        UnsupportedModelError: weights on the meta device or offloaded.
+        Exception: whatever a step raised; the model is then exactly as before.
+    """
+    check_plan_matches(plan, model)
+    if not plan.trainable:
+        raise NotTrainableError(
+            f"backend {plan.backend!r} says this model cannot be trained: {plan.not_trainable_reason}"
+        )
+    _refuse_unusable(model)
+
+    started = time.perf_counter()
+    by_name = {aliases[0]: p for _, aliases, p, _ in iter_unique_parameters(model)}
+    emb = input_embeddings(model)
+    hooks_before = dict(emb._forward_hooks) if emb is not None else {}
+    snapshot = Snapshot(model)
+    steps: list[str] = []
+    upcast_ids: set[int] = set()
+    try:
+        for pp in plan.to_freeze:
+            by_name[pp.name].requires_grad_(False)
+        steps.append(f"froze {len(plan.to_freeze)} parameters")
+        for fix in plan.fixups:
+            fix.apply(model)
+            steps.append(f"fix-up {fix.name}")
+        for pp in plan.to_upcast:
+            p = by_name[pp.name]
+            p.data = p.data.to(pp.dtype_after)
+            upcast_ids.add(id(p))
+        steps.append(f"upcast {len(plan.to_upcast)} parameters to fp32")
+        if plan.checkpointing is not CheckpointMode.OFF:
+            _enable_checkpointing(model, plan)
+            steps.append(f"enabled {plan.checkpointing.value} checkpointing")
+            _install_input_grads_hook(model, plan)
+        for label, step in EXTRA_STEPS:
+            step(model, plan)
+            steps.append(label)
+        changes = snapshot.changes()
+    except BaseException:
+        snapshot.changes().revert()
+        raise
+    changes.release_upcast_storage(lambda t: id(t) in upcast_ids)
+    if clear_cache and torch.cuda.is_available() and plan.to_upcast:
+        torch.cuda.empty_cache()
+    hooks_added: tuple[str, ...] = ()
+    if emb is not None:
+        hooks_added = tuple(
+            f"{type(emb).__name__}: {getattr(h, '__name__', repr(h))}"
+            for k, h in emb._forward_hooks.items()
+            if k not in hooks_before
+        )
+    report = Report(plan, time.perf_counter() - started, hooks_added, tuple(steps))
+    vars(model)[_STATE_ATTR] = PreparedState(report, changes)
+    return report
+
+
+def undo(model: nn.Module) -> nn.Module:
+    """Revert everything :func:`kbitprep.prepare` changed on ``model``, exactly. Returns the model.
+
+    Dtypes and values (an fp16/bf16 -> fp32 -> fp16/bf16 round trip is lossless), ``requires_grad``,
+    hooks, checkpointing flags and ``use_cache`` come back as they were; adapters attached after
+    prepare are left in place.
+
+    Raises:
+        NotPreparedError: kbitprep has not prepared this model.
+    """
+    for mod in model.modules():
+        state = vars(mod).get(_STATE_ATTR)
+        if isinstance(state, PreparedState):
+            state.changes.revert()
+            del vars(mod)[_STATE_ATTR]
+            return model
+    raise NotPreparedError(f"this {type(model).__name__} was not prepared by kbitprep; there is nothing to undo")

@@ -1,0 +1,438 @@
+"""Building a :class:`Plan`: what prepare would do to a model, computed without changing it."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
+from ._registry import Registry, Selection, default_registry
+from ._tensors import iter_unique_parameters, tensor_nbytes
+from .errors import NoParametersError, NotAModuleError, PlanMismatchError
+from .plugin import HALF_DTYPES, CheckpointMode, Declarations, FixUp, class_path, is_plain_tensor
+
+__all__ = ["ParamPlan", "Plan", "build_plan", "checkpointing_target", "input_embeddings", "model_fingerprint"]
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """What happens to one parameter (tied parameters appear once, with every name in ``aliases``)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    module_type: str
+    shape: tuple[int, ...]
+    dtype_before: torch.dtype
+    dtype_after: torch.dtype
+    requires_grad_before: bool
+    requires_grad_after: bool
+    bytes_before: int
+    bytes_after: int
+    quantized: bool
+    adapter: bool = False
+
+    @property
+    def frozen(self) -> bool:
+        """Whether prepare turns ``requires_grad`` off."""
+        return self.requires_grad_before and not self.requires_grad_after
+
+    @property
+    def upcast(self) -> bool:
+        """Whether prepare casts it to another dtype."""
+        return self.dtype_before != self.dtype_after
+
+    @property
+    def byte_delta(self) -> int:
+        """Bytes added (positive) or saved (negative) by prepare."""
+        return self.bytes_after - self.bytes_before
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "module_type": self.module_type,
+            "shape": list(self.shape),
+            "dtype_before": str(self.dtype_before).removeprefix("torch."),
+            "dtype_after": str(self.dtype_after).removeprefix("torch."),
+            "requires_grad_before": self.requires_grad_before,
+            "requires_grad_after": self.requires_grad_after,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "quantized": self.quantized,
+            "adapter": self.adapter,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`kbitprep.prepare` will do to one model. Building it changes nothing.
+
+    Print it for a readable table; :meth:`to_dict` gives JSON-ready data. Pass it to
+    ``prepare(model, plan=plan)`` to apply exactly this plan.
+    """
+
+    model_type: str
+    backend: str
+    backends: tuple[str, ...]
+    distributions: tuple[str, ...]
+    evidence: tuple[str, ...]
+    forced: bool
+    upcast_policy: str
+    params: tuple[ParamPlan, ...]
+    checkpointing: CheckpointMode
+    checkpointing_note: str
+    checkpointing_kwargs: Mapping[str, Any]
+    hooks: tuple[str, ...]
+    fixups: tuple[FixUp, ...]
+    notes: tuple[str, ...]
+    trainable: bool
+    not_trainable_reason: str
+    declarations: tuple[Declarations, ...] = field(repr=False, compare=False)
+    fingerprint: tuple[Any, ...] = field(repr=False, compare=False, default=())
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- totals
+    @property
+    def to_freeze(self) -> tuple[ParamPlan, ...]:
+        """Parameters whose ``requires_grad`` prepare turns off."""
+        return tuple(p for p in self.params if p.frozen)
+
+    @property
+    def to_upcast(self) -> tuple[ParamPlan, ...]:
+        """Parameters prepare casts to fp32."""
+        return tuple(p for p in self.params if p.upcast)
+
+    @property
+    def quantized(self) -> tuple[ParamPlan, ...]:
+        """Parameters that hold quantized storage (never cast)."""
+        return tuple(p for p in self.params if p.quantized)
+
+    @property
+    def bytes_before(self) -> int:
+        """Parameter bytes before prepare (each tied parameter counted once)."""
+        return sum(p.bytes_before for p in self.params)
+
+    @property
+    def bytes_after(self) -> int:
+        """Parameter bytes after prepare."""
+        return sum(p.bytes_after for p in self.params)
+
+    @property
+    def byte_delta(self) -> int:
+        """Parameter bytes added by prepare (negative when saved)."""
+        return self.bytes_after - self.bytes_before
+
+    def by_module_type(self) -> dict[str, dict[str, int]]:
+        """Counts and bytes grouped by owning module class: params, frozen, upcast, bytes before/after."""
+        groups: dict[str, dict[str, int]] = defaultdict(
+            lambda: {"params": 0, "frozen": 0, "upcast": 0, "quantized": 0, "bytes_before": 0, "bytes_after": 0}
+        )
+        for p in self.params:
+            g = groups[p.module_type]
+            g["params"] += 1
+            g["frozen"] += int(p.frozen)
+            g["upcast"] += int(p.upcast)
+            g["quantized"] += int(p.quantized)
+            g["bytes_before"] += p.bytes_before
+            g["bytes_after"] += p.bytes_after
+        return dict(groups)
+
+    def to_dict(self, *, params: bool = True) -> dict[str, Any]:
+        """A JSON-ready dict (stable keys). ``params=False`` leaves the per-parameter list out."""
+        out: dict[str, Any] = {
+            "model_type": self.model_type,
+            "backend": self.backend,
+            "backends": list(self.backends),
+            "distributions": list(self.distributions),
+            "evidence": list(self.evidence),
+            "forced": self.forced,
+            "trainable": self.trainable,
+            "not_trainable_reason": self.not_trainable_reason,
+            "upcast_policy": self.upcast_policy,
+            "checkpointing": self.checkpointing.value,
+            "checkpointing_note": self.checkpointing_note,
+            "checkpointing_kwargs": dict(self.checkpointing_kwargs),
+            "hooks": list(self.hooks),
+            "fixups": [{"name": f.name, "description": f.description} for f in self.fixups],
+            "notes": list(self.notes),
+            "totals": {
+                "params": len(self.params),
+                "frozen": len(self.to_freeze),
+                "upcast": len(self.to_upcast),
+                "quantized": len(self.quantized),
+                "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after,
+                "byte_delta": self.byte_delta,
+            },
+            "by_module_type": self.by_module_type(),
+            "extras": {k: v for k, v in self.extras.items() if _jsonable(v)},
+        }
+        if params:
+            out["params"] = [p.to_dict() for p in self.params]
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, **kwargs)
+
+    def __str__(self) -> str:
+        from ._render import render_plan
+
+        return render_plan(self)
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- model facts
+
+
+def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
+    """Identity and shape of a model's parameters, to check a plan is applied to the model it was made for."""
+    return (id(model), tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
+
+
+def checkpointing_target(model: nn.Module) -> nn.Module | None:
+    """The transformers model inside ``model`` (also through a PEFT wrapper) that can checkpoint."""
+    for mod in model.modules():
+        cls = type(mod)
+        if hasattr(cls, "activation_checkpointing_enable") or hasattr(cls, "gradient_checkpointing_enable"):
+            if getattr(mod, "supports_gradient_checkpointing", True):
+                return mod
+    return None
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The input embedding module of a transformers model, or ``None``."""
+    target = checkpointing_target(model) or model
+    getter = getattr(type(target), "get_input_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        emb = target.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    return emb if isinstance(emb, nn.Module) else None
+
+
+def count_input_grad_hooks(emb: nn.Module | None) -> int:
+    """How many input-require-grads hooks (transformers', PEFT's or kbitprep's) an embedding carries."""
+    if emb is None:
+        return 0
+    return sum(
+        1
+        for h in emb._forward_hooks.values()
+        if getattr(h, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad")
+        or getattr(h, "_kbitprep_input_grads", False)
+    )
+
+
+def _adapter_param_ids(model: nn.Module) -> set[int]:
+    """Parameters of PEFT adapter layers (lora_A, lora_B, ...) and modules_to_save copies."""
+    ids: set[int] = set()
+    for mod in model.modules():
+        names = tuple(getattr(mod, "adapter_layer_names", ())) + tuple(getattr(mod, "other_param_names", ()))
+        for attr in names:
+            sub = getattr(mod, attr, None)
+            if isinstance(sub, nn.Module):
+                ids.update(id(p) for p in sub.parameters())
+            elif isinstance(sub, nn.ParameterDict | nn.ParameterList):
+                ids.update(id(p) for p in sub.parameters())
+        if type(mod).__name__ == "ModulesToSaveWrapper":
+            sub = getattr(mod, "modules_to_save", None)
+            if isinstance(sub, nn.Module):
+                ids.update(id(p) for p in sub.parameters())
+    return ids
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether the model is wrapped by PEFT (checked without importing peft)."""
+    return hasattr(model, "peft_config") and any(
+        hasattr(m, "adapter_layer_names") for m in model.modules()
+    )
+
+
+def _merge(decls: list[Declarations]) -> Declarations:
+    if len(decls) == 1:
+        return decls[0]
+    modes = frozenset.intersection(*(d.checkpointing for d in decls))
+    first = decls[0]
+    default = first.default_checkpointing if first.default_checkpointing in modes else next(
+        iter(sorted(modes, key=lambda m: m.value)), CheckpointMode.OFF
+    )
+    reasons = [d.not_trainable_reason for d in decls if not d.trainable]
+    allow = all(d.allow_upcast for d in decls)
+    return Declarations(
+        quantized=frozenset().union(*(d.quantized for d in decls)),
+        allow_upcast=allow,
+        upcast_note="; ".join(d.upcast_note for d in decls if d.upcast_note),
+        default_upcast=first.default_upcast if allow else "none",
+        checkpointing=modes,
+        default_checkpointing=default if modes else CheckpointMode.OFF,
+        input_grads_hook=any(d.input_grads_hook for d in decls),
+        trainable=not reasons,
+        not_trainable_reason="; ".join(reasons),
+        fixups=tuple(f for d in decls for f in d.fixups),
+        notes=tuple(n for d in decls for n in d.notes),
+    )
+
+
+def build_plan(
+    model: nn.Module,
+    *,
+    backend: str | None = None,
+    upcast: UpcastPolicy = None,
+    checkpointing: bool | str | CheckpointMode | None = True,
+    checkpointing_kwargs: Mapping[str, Any] | None = None,
+    allow_mismatch: bool = False,
+    registry: Registry | None = None,
+    selection: Selection | None = None,
+    peft_compat: bool = False,
+) -> Plan:
+    """Compute the plan for ``model`` without changing it (see :func:`kbitprep.plan`).
+
+    ``peft_compat`` reproduces PEFT's rules instead of the backend's: upcast every plain fp16/bf16
+    parameter that is not a ``Params4bit`` (``upcast`` must then be ``"all"`` or ``"none"``), and
+    use the checkpointing mode given whatever the backend declares.
+    """
+    if not isinstance(model, nn.Module):
+        raise NotAModuleError(
+            f"kbitprep expects a torch.nn.Module (a loaded transformers model), got {type(model).__name__}"
+        )
+    unique = list(iter_unique_parameters(model))
+    if not unique:
+        raise NoParametersError(f"{type(model).__name__} has no parameters; there is nothing to prepare")
+    reg = registry or default_registry()
+    sel = selection or reg.select(model, backend, allow_mismatch=allow_mismatch)
+    decls = [reg.declare(info, model, det) for info, det in sel.detections]
+    decl = _merge(decls)
+
+    if peft_compat:
+        policy_label = "peft" if upcast == "all" else "none"
+        peft_mode = CheckpointMode(checkpointing) if isinstance(checkpointing, str) else CheckpointMode.OFF
+        mode, mode_note = peft_mode, "PEFT's rule (prepare_model_for_kbit_training)"
+
+        def wants(n: str, p: torch.Tensor, m: nn.Module) -> bool:
+            return policy_label == "peft"
+    else:
+        policy_label, wants = resolve_upcast(upcast, decl)
+        mode, mode_note = resolve_checkpointing(checkpointing, decl)
+    notes = list(decl.notes)
+    target = checkpointing_target(model)
+    if mode is not CheckpointMode.OFF and target is None:
+        notes.append(f"{type(model).__name__} has no gradient_checkpointing_enable(); checkpointing stays off")
+        mode, mode_note = CheckpointMode.OFF, "the model has no checkpointing API"
+
+    adapters = _adapter_param_ids(model)
+    params: list[ParamPlan] = []
+    any_float = False
+    for name, aliases, p, owner in unique:
+        quantized = any(a in decl.quantized for a in aliases)
+        adapter = id(p) in adapters
+        plain = is_plain_tensor(p)
+        any_float = any_float or (plain and p.dtype.is_floating_point)
+        if peft_compat:
+            eligible = plain and not adapter and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit"
+        else:
+            eligible = plain and not quantized and not adapter and p.dtype in HALF_DTYPES and decl.allow_upcast
+        dtype_after = torch.float32 if eligible and wants(name, p, owner) else p.dtype
+        before = tensor_nbytes(p)
+        after = before if dtype_after == p.dtype else p.numel() * torch.empty((), dtype=dtype_after).element_size()
+        params.append(
+            ParamPlan(
+                name=name,
+                aliases=tuple(aliases),
+                module_type=type(owner).__name__,
+                shape=tuple(p.shape),
+                dtype_before=p.dtype,
+                dtype_after=dtype_after,
+                requires_grad_before=p.requires_grad,
+                requires_grad_after=p.requires_grad if adapter else False,
+                bytes_before=before,
+                bytes_after=after,
+                quantized=quantized,
+                adapter=adapter,
+            )
+        )
+    if not any_float and not decl.quantized:
+        raise NoParametersError(
+            f"{type(model).__name__} has no floating-point parameters and no quantized layers a backend "
+            "recognises; there is nothing to train"
+        )
+
+    use_reentrant = mode is CheckpointMode.REENTRANT
+    ckpt_kwargs: dict[str, Any] = dict(checkpointing_kwargs or {})
+    if mode is not CheckpointMode.OFF:
+        ckpt_kwargs["use_reentrant"] = use_reentrant
+
+    hooks: list[str] = []
+    if mode is not CheckpointMode.OFF:
+        emb = input_embeddings(model)
+        emb_name = _module_name(model, emb)
+        if emb is not None and count_input_grad_hooks(emb):
+            hooks.append(f"input-require-grads hook on {emb_name}: already present, not added again")
+        elif emb is not None and target is not None and hasattr(type(target), "_activation_checkpointing_enable") and (
+            getattr(target, "main_input_name", "") == "input_ids"
+        ):
+            hooks.append(f"input-require-grads hook on {emb_name} (registered by transformers with checkpointing)")
+        elif emb is not None and use_reentrant and decl.input_grads_hook:
+            hooks.append(f"input-require-grads hook on {emb_name} (kbitprep)")
+        elif use_reentrant and decl.input_grads_hook:
+            notes.append("reentrant checkpointing without input embeddings: gradients may not reach adapters")
+
+    if is_peft_model(model):
+        notes.append("PEFT-wrapped model: adapter parameters keep their requires_grad; only the base is frozen")
+
+    evidence = tuple(
+        (f"[{info.name}] {e}" if len(sel.detections) > 1 else e) for info, det in sel.detections for e in det.evidence
+    )
+    return Plan(
+        model_type=class_path(model),
+        backend=sel.primary.name,
+        backends=tuple(info.name for info, _ in sel.detections),
+        distributions=tuple(info.distribution for info, _ in sel.detections),
+        evidence=evidence,
+        forced=sel.forced,
+        upcast_policy=policy_label,
+        params=tuple(params),
+        checkpointing=mode,
+        checkpointing_note=mode_note,
+        checkpointing_kwargs=ckpt_kwargs,
+        hooks=tuple(hooks),
+        fixups=decl.fixups,
+        notes=tuple(notes),
+        trainable=decl.trainable,
+        not_trainable_reason=decl.not_trainable_reason,
+        declarations=tuple(decls),
+        fingerprint=model_fingerprint(model),
+    )
+
+
+def _module_name(model: nn.Module, target: nn.Module | None) -> str:
+    if target is None:
+        return "?"
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name or "<root>"
+    return type(target).__name__
+
+
+def check_plan_matches(plan: Plan, model: nn.Module) -> None:
+    """Raise :class:`~kbitprep.errors.PlanMismatchError` unless ``plan`` was made for ``model`` as it is now."""
+    if plan.fingerprint != model_fingerprint(model):
+        raise PlanMismatchError(
+            "this plan was made for another model, or the model changed since it was planned; "
+            "call kbitprep.plan(model) again"
+        )

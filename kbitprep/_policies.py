@@ -1,0 +1,108 @@
+"""Upcast policies and checkpointing choices: user options turned into decisions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import torch
+from torch import nn
+
+from .errors import InvalidPolicyError
+from .plugin import CheckpointMode, Declarations
+
+__all__ = [
+    "UPCAST_POLICIES",
+    "UpcastPolicy",
+    "is_norm_module",
+    "resolve_checkpointing",
+    "resolve_upcast",
+]
+
+#: A user upcast choice: a policy name, or ``fn(name, parameter, owning_module) -> bool``.
+UpcastPolicy = Union[str, Callable[[str, torch.Tensor, nn.Module], bool], None]
+#: The named upcast policies.
+UPCAST_POLICIES: dict[str, str] = {
+    "none": "keep every frozen parameter in its loaded dtype (kbitprep's default where the backend allows)",
+    "norms": "cast the fp16/bf16 parameters of normalisation layers to fp32 (the original QLoRA recipe)",
+    "all": "cast every fp16/bf16 non-quantized parameter to fp32 (PEFT's prepare_model_for_kbit_training)",
+}
+
+_CHECKPOINT_CHOICES = ("True", "False", *[m.value for m in CheckpointMode])
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Whether a module is a normalisation layer (LayerNorm, RMSNorm, LlamaRMSNorm, GroupNorm ...)."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+
+
+def resolve_upcast(upcast: UpcastPolicy, decl: Declarations) -> tuple[str, Callable[[str, torch.Tensor, nn.Module], bool]]:
+    """Turn the user's ``upcast=`` value and the backend's declarations into (label, predicate).
+
+    The predicate only chooses among parameters the core already found eligible (plain fp16/bf16,
+    not quantized storage).
+
+    Raises:
+        InvalidPolicyError: unknown policy name, or an upcast the backend forbids.
+    """
+    if upcast is None:
+        upcast = decl.default_upcast
+    if callable(upcast):
+        if not decl.allow_upcast:
+            raise InvalidPolicyError(
+                f"this backend does not allow upcasting ({decl.upcast_note or 'it breaks the forward'}); "
+                "use upcast='none'"
+            )
+        fn = upcast
+        label = getattr(fn, "__name__", "custom")
+        return f"custom:{label}", lambda n, p, m: bool(fn(n, p, m))
+    if not isinstance(upcast, str) or upcast not in UPCAST_POLICIES:
+        raise InvalidPolicyError(
+            f"upcast={upcast!r} is not a valid policy; valid choices: "
+            + ", ".join(repr(k) for k in UPCAST_POLICIES)
+            + ", or a callable fn(name, parameter, module) -> bool"
+        )
+    if upcast != "none" and not decl.allow_upcast:
+        raise InvalidPolicyError(
+            f"upcast={upcast!r} is not allowed for this backend: {decl.upcast_note or 'upcasting breaks its forward'}; "
+            "use upcast='none'"
+        )
+    if upcast == "none":
+        return "none", lambda n, p, m: False
+    if upcast == "norms":
+        return "norms", lambda n, p, m: is_norm_module(m)
+    return "all", lambda n, p, m: True
+
+
+def resolve_checkpointing(
+    checkpointing: bool | str | CheckpointMode | None, decl: Declarations
+) -> tuple[CheckpointMode, str]:
+    """Turn the user's ``checkpointing=`` value into a mode, with a note on how it was chosen.
+
+    ``True``/``None`` take the backend's default; ``False`` or ``"off"`` disable it; a mode name
+    asks for that mode, which the backend must support.
+
+    Raises:
+        InvalidPolicyError: an unknown value, or a mode the backend does not support.
+    """
+    if checkpointing is None or checkpointing is True:
+        if not decl.checkpointing:
+            return CheckpointMode.OFF, "the backend does not support checkpointing"
+        return decl.default_checkpointing, "backend default"
+    if checkpointing is False:
+        return CheckpointMode.OFF, "disabled by the caller"
+    try:
+        mode = CheckpointMode(checkpointing)
+    except ValueError:
+        raise InvalidPolicyError(
+            f"checkpointing={checkpointing!r} is not valid; valid choices: "
+            + ", ".join(repr(c) if c not in ("True", "False") else c for c in _CHECKPOINT_CHOICES)
+        ) from None
+    if mode is CheckpointMode.OFF:
+        return mode, "disabled by the caller"
+    if mode not in decl.checkpointing:
+        supported = ", ".join(sorted(m.value for m in decl.checkpointing)) or "none"
+        raise InvalidPolicyError(
+            f"checkpointing={mode.value!r} is not supported by this backend (supported: {supported})"
+        )
+    return mode, "chosen by the caller"

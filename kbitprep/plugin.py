@@ -1,0 +1,323 @@
+"""The backend plugin contract: everything a backend plugin may import from kbitprep.
+
+A backend is an object (usually a subclass of :class:`Backend`) published under the entry-point
+group ``kbitprep.backends``. It *declares*; the core *acts*: a backend never changes the model
+itself, except through a :class:`FixUp` the core runs, records and can revert.
+
+A minimal plugin::
+
+    from kbitprep.plugin import Backend, Declarations, Detection, find_modules
+
+    class MyBackend(Backend):
+        name = "my-quant"
+        priority = 60
+        requires = ("my_quant",)
+        install_hint = "pip install my-quant"
+
+        def detect(self, model):
+            layers = find_modules(model, "my_quant.QLinear")
+            if not layers:
+                return None
+            return Detection(evidence=(f"{len(layers)} x my_quant.QLinear",), modules=tuple(layers))
+
+        def declare(self, model, detection):
+            return Declarations(quantized=quantized_tensor_names(model, detection.modules))
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "HALF_DTYPES",
+    "Backend",
+    "CheckpointMode",
+    "Declarations",
+    "Detection",
+    "FixUp",
+    "class_path",
+    "find_modules",
+    "hf_quantizer",
+    "is_plain_tensor",
+    "missing_packages",
+    "quant_method",
+    "quantized_tensor_names",
+]
+
+#: dtypes PEFT's function upcasts to fp32.
+HALF_DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16})
+#: dtypes kbitprep treats as trainable floating point (fp8 types are not among them).
+FLOAT_DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+class CheckpointMode(str, enum.Enum):
+    """How activation (gradient) checkpointing recomputes the forward.
+
+    ``REENTRANT`` is ``torch.utils.checkpoint`` with ``use_reentrant=True`` (needs inputs that
+    require grad, hence the input-require-grads hook); ``NON_REENTRANT`` is ``use_reentrant=False``;
+    ``OFF`` disables checkpointing.
+    """
+
+    REENTRANT = "reentrant"
+    NON_REENTRANT = "non_reentrant"
+    OFF = "off"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What a backend's detector found: the evidence, and the modules it claims.
+
+    Attributes:
+        evidence: human-readable facts the decision rests on, e.g.
+            ``"28 x bitsandbytes.nn.Linear4bit"`` or ``"hf_quantizer: BnbHfQuantizer"``.
+        modules: qualified names of the modules holding this backend's quantized storage. An
+            empty tuple means the backend claims the model as a whole (a generic backend); it is
+            then chosen only when no backend claims specific modules.
+    """
+
+    evidence: tuple[str, ...]
+    modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.evidence, str) or not all(isinstance(e, str) for e in self.evidence):
+            raise TypeError("Detection.evidence must be a tuple of strings")
+        if isinstance(self.modules, str) or not all(isinstance(m, str) for m in self.modules):
+            raise TypeError("Detection.modules must be a tuple of module names")
+
+
+@dataclass(frozen=True)
+class FixUp:
+    """A backend-specific repair the core runs during prepare, inside its transaction.
+
+    The core snapshots the model before running ``apply`` and reverts every attribute, hook,
+    parameter and buffer it changed if anything fails afterwards, and on :func:`kbitprep.undo`.
+
+    Attributes:
+        name: short identifier shown in plans, e.g. ``"bnb-cpu-unpack"``.
+        description: one sentence saying what is repaired and why.
+        apply: called with the model; may change it.
+    """
+
+    name: str
+    description: str
+    apply: Callable[[nn.Module], None]
+
+
+@dataclass(frozen=True)
+class Declarations:
+    """What a backend declares about a model it recognised. Pure data: the core acts on it.
+
+    Attributes:
+        quantized: qualified names of parameters and buffers that hold quantized storage. The core
+            never changes them (no cast, no ``requires_grad``), whatever dtype they report.
+        allow_upcast: whether any other floating-point parameter may be cast to fp32. ``False``
+            when upcasting breaks the backend's forward (``upcast_note`` says why).
+        upcast_note: why upcasting is not allowed, or a remark about the default.
+        default_upcast: the upcast policy used when the user does not choose one
+            (``"none"``, ``"norms"`` or ``"all"``).
+        checkpointing: the checkpointing modes training through this backend supports. Empty
+            means checkpointing does not work with it.
+        default_checkpointing: the mode used when the user asks for checkpointing without a mode.
+        input_grads_hook: whether reentrant checkpointing needs the input-require-grads hook on
+            the input embeddings (true for every transformers model).
+        trainable: whether LoRA training through this model works at all.
+        not_trainable_reason: why not, when ``trainable`` is false (shown to the user).
+        fixups: backend-specific repairs to run during prepare.
+        notes: remarks shown with the plan (known traps, choices made).
+    """
+
+    quantized: frozenset[str] = frozenset()
+    allow_upcast: bool = True
+    upcast_note: str = ""
+    default_upcast: str = "none"
+    checkpointing: frozenset[CheckpointMode] = frozenset(
+        {CheckpointMode.REENTRANT, CheckpointMode.NON_REENTRANT}
+    )
+    default_checkpointing: CheckpointMode = CheckpointMode.REENTRANT
+    input_grads_hook: bool = True
+    trainable: bool = True
+    not_trainable_reason: str = ""
+    fixups: tuple[FixUp, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def problems(self) -> list[str]:
+        """Return the ways these declarations contradict themselves (empty when consistent)."""
+        found: list[str] = []
+        if not isinstance(self.quantized, frozenset) or not all(isinstance(n, str) for n in self.quantized):
+            found.append("quantized must be a frozenset of tensor names")
+        if self.default_upcast not in ("none", "norms", "all"):
+            found.append(f"default_upcast {self.default_upcast!r} is not one of 'none', 'norms', 'all'")
+        if not self.allow_upcast and self.default_upcast != "none":
+            found.append(f"allow_upcast is False but default_upcast is {self.default_upcast!r}")
+        if CheckpointMode.OFF in self.checkpointing:
+            found.append("checkpointing lists OFF; list only the modes that work")
+        if self.default_checkpointing is not CheckpointMode.OFF and self.checkpointing and (
+            self.default_checkpointing not in self.checkpointing
+        ):
+            found.append(
+                f"default_checkpointing {self.default_checkpointing.value!r} is not among the supported "
+                f"modes {sorted(m.value for m in self.checkpointing)}"
+            )
+        if not self.checkpointing and self.default_checkpointing is not CheckpointMode.OFF:
+            found.append("no checkpointing mode is supported but default_checkpointing is not OFF")
+        if not self.trainable and not self.not_trainable_reason:
+            found.append("trainable is False but not_trainable_reason is empty")
+        if self.trainable and self.not_trainable_reason:
+            found.append("not_trainable_reason is set but trainable is True")
+        if not all(isinstance(f, FixUp) for f in self.fixups):
+            found.append("fixups must be FixUp instances")
+        return found
+
+
+class Backend:
+    """Base class for backend plugins. Subclasses set the class attributes and implement
+    :meth:`detect` and :meth:`declare`.
+
+    Attributes:
+        name: unique backend name (``"bnb-4bit"``); what users pass as ``backend=``.
+        priority: higher wins when several backends recognise a model. Built-ins use 100 for
+            specific quantization libraries, 10 for the generic transformers-quantizer fallback
+            and 0 for unquantized models. A plugin that specialises a built-in uses a higher one.
+        requires: importable module names the backend needs (checked before use).
+        install_hint: what to run when ``requires`` is not satisfied.
+        description: one line for ``kbitprep backends``.
+    """
+
+    name: ClassVar[str] = ""
+    priority: ClassVar[int] = 50
+    requires: ClassVar[tuple[str, ...]] = ()
+    install_hint: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def detect(self, model: nn.Module) -> Detection | None:
+        """Return a :class:`Detection` when this backend recognises ``model``, else ``None``.
+
+        Must not change the model. May be called for models of any kind.
+        """
+        raise NotImplementedError
+
+    def declare(self, model: nn.Module, detection: Detection) -> Declarations:
+        """Return the :class:`Declarations` for a model this backend detected. Must not change it."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} priority={self.priority}>"
+
+
+# --------------------------------------------------------------------------- helpers for plugins
+
+
+def class_path(obj: object) -> str:
+    """Return ``module.QualName`` of an object's class, e.g. ``"bitsandbytes.nn.modules.Linear4bit"``."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _class_matches(cls: type, wanted: Iterable[str | type]) -> bool:
+    for w in wanted:
+        if isinstance(w, type):
+            if issubclass(cls, w):
+                return True
+            continue
+        for base in cls.__mro__:
+            full = f"{base.__module__}.{base.__qualname__}"
+            if full == w or base.__qualname__ == w or (full.endswith("." + w) and "." in w):
+                return True
+    return False
+
+
+def find_modules(model: nn.Module, *classes: str | type) -> list[str]:
+    """Qualified names of the submodules whose class (or a base class) matches one of ``classes``.
+
+    A class may be given as a type or as a string, either a bare class name (``"QLinear"``), a
+    full path (``"optimum.quanto.nn.qlinear.QLinear"``) or a dotted suffix of one
+    (``"quanto.nn.qlinear.QLinear"``). Strings let a detector look for a library's classes
+    without importing the library. The root module is reported as ``""``.
+    """
+    return [name for name, mod in model.named_modules() if _class_matches(type(mod), classes)]
+
+
+def is_plain_tensor(t: torch.Tensor) -> bool:
+    """True when ``t`` stores its values as an ordinary dense tensor.
+
+    Tensor subclasses (torchao's ``Int8Tensor``, quanto's ``WeightQBytesTensor``, ...) often report
+    a float dtype while holding quantized data; they are never plain, whatever ``dtype`` says.
+    """
+    data = t.data if isinstance(t, nn.Parameter) else t
+    return type(data) is torch.Tensor and not data.is_quantized
+
+
+def quantized_tensor_names(
+    model: nn.Module,
+    modules: Iterable[str],
+    *,
+    include: Callable[[str, torch.Tensor], bool] | None = None,
+) -> frozenset[str]:
+    """Names of the parameters and buffers directly held by ``modules`` that are quantized storage.
+
+    By default a tensor counts as quantized storage when it is not a plain tensor
+    (:func:`is_plain_tensor`) or its dtype is not a float dtype (``uint8``, ``int8``, ``int32``,
+    fp8 ...). Pass ``include(local_name, tensor)`` to add more (for example fp16 scales).
+    """
+    found: set[str] = set()
+    mods = dict(model.named_modules())
+    for mname in modules:
+        mod = mods[mname]
+        prefix = f"{mname}." if mname else ""
+        tensors = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+        for local, t in tensors:
+            if t is None:
+                continue
+            quantized = not is_plain_tensor(t) or t.dtype not in FLOAT_DTYPES
+            if quantized or (include is not None and include(local, t)):
+                found.add(prefix + local)
+    return frozenset(found)
+
+
+def hf_quantizer(model: nn.Module) -> Any | None:
+    """The transformers quantizer attached at load time (``model.hf_quantizer``), or ``None``."""
+    return getattr(model, "hf_quantizer", None)
+
+
+def quant_method(model: nn.Module) -> str | None:
+    """The transformers quantization method as a plain lower-case string (``"gptq"``), or ``None``.
+
+    Reads ``model.quantization_method`` (a str-Enum in transformers 5) and falls back to
+    ``config.quantization_config["quant_method"]``.
+    """
+    method = getattr(model, "quantization_method", None)
+    if method is None:
+        qc = getattr(getattr(model, "config", None), "quantization_config", None)
+        if isinstance(qc, Mapping):
+            method = qc.get("quant_method")
+        elif qc is not None:
+            method = getattr(qc, "quant_method", None)
+    if method is None:
+        return None
+    value = getattr(method, "value", method)
+    return str(value).lower()
+
+
+def missing_packages(requires: Iterable[str]) -> list[str]:
+    """The names in ``requires`` that cannot be imported here (checked without importing them)."""
+    missing = []
+    for name in requires:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
