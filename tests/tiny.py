@@ -1,0 +1,50 @@
+"""Tiny real models for the tests: built in process from a config, saved, and reloaded."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+_CACHE = Path(tempfile.mkdtemp(prefix="kbitprep-tiny-"))
+
+
+def tiny_llama_config(**overrides: object) -> LlamaConfig:
+    """A 2-layer Llama config small enough for CPU tests (about 0.1 M parameters)."""
+    kw: dict[str, object] = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def tiny_llama(dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides: object) -> LlamaForCausalLM:
+    """A freshly initialised tiny Llama in ``dtype``."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
+
+
+@functools.cache
+def saved_tiny_llama(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A tiny Llama saved with ``save_pretrained`` (once per session); reload it with a quantization config."""
+    path = _CACHE / f"llama-{str(dtype).removeprefix('torch.')}-{seed}"
+    if not path.exists():
+        tiny_llama(dtype, seed).save_pretrained(path)
+    return path
+
+
+def batch(vocab: int = 256, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deterministic causal-LM batch (input_ids and labels)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, seq), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
