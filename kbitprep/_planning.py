@@ -366,7 +366,7 @@ def build_plan(
                 adapter=adapter,
             )
         )
-    if not any_float and not decl.quantized:
+    if not any_float and not any(det.modules for _, det in sel.detections):
         raise NoParametersError(
             f"{type(model).__name__} has no floating-point parameters and no quantized layers a backend "
             "recognises; there is nothing to train"

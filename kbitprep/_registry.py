@@ -204,6 +204,8 @@ class Registry:
     def _load_entry_points(self) -> None:
         self.discovery_count += 1
         eps = sorted(md.entry_points(group=self.group), key=lambda e: (_dist_of(e)[0] != BUILTIN_DISTRIBUTION, e.name))
+        # built-in names stay reserved even when a built-in fails to load
+        reserved = {ep.name for ep in eps if _dist_of(ep)[0] == BUILTIN_DISTRIBUTION}
         for ep in eps:
             dist, version = _dist_of(ep)
             try:
@@ -220,6 +222,11 @@ class Registry:
             problems = _contract_problems(backend)
             if problems:
                 self._fail(ep.name, dist, "contract", f"{ep.value} " + "; ".join(problems), PluginContractError)
+                continue
+            if dist != BUILTIN_DISTRIBUTION and backend.name in reserved:
+                self._fail(ep.name, dist, "conflict",
+                           f"name {backend.name!r} is reserved for the built-in backend from {BUILTIN_DISTRIBUTION}; "
+                           "a plugin cannot replace it silently (choose another name)", PluginContractError)
                 continue
             info = BackendInfo(backend, dist, version, ep.value)
             self._add(info, from_entry_point=True)

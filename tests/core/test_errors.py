@@ -1,0 +1,123 @@
+"""Every user error raises a specific kbitprep exception, with an actionable message, model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kbitprep
+from kbitprep import Declarations, Registry
+
+from ..state import model_state
+from ..tiny import tiny_llama
+from .backends_for_tests import MarkerBackend
+
+
+@pytest.mark.parametrize("bad", [None, 42, "model", {"weight": torch.zeros(2)}])
+@pytest.mark.parametrize("func", [kbitprep.plan, kbitprep.prepare, kbitprep.undo, kbitprep.report])
+def test_not_a_module(func: object, bad: object) -> None:
+    with pytest.raises(kbitprep.NotAModuleError, match="expects a torch.nn.Module"):
+        func(bad)  # type: ignore[operator]
+    with pytest.raises(TypeError):  # also a TypeError for existing handlers
+        func(bad)  # type: ignore[operator]
+
+
+def test_model_without_parameters() -> None:
+    with pytest.raises(kbitprep.NoParametersError, match="has no parameters"):
+        kbitprep.prepare(torch.nn.ReLU())
+
+
+def test_model_without_float_parameters() -> None:
+    m = torch.nn.Embedding(4, 4)
+    m.weight = torch.nn.Parameter(m.weight.data.to(torch.int8), requires_grad=False)
+    with pytest.raises(kbitprep.NoParametersError, match="no floating-point parameters"):
+        kbitprep.prepare(m)
+
+
+def test_unknown_backend_lists_the_names() -> None:
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises(kbitprep.UnknownBackendError, match="no kbitprep backend is called 'nope'.*unquantized"):
+        kbitprep.prepare(model, backend="nope")
+    assert model_state(model) == before
+
+
+def test_backend_with_missing_packages_carries_the_install_hint() -> None:
+    reg = Registry()
+    reg.register(MarkerBackend("needs-pkg", requires=("kbitprep_no_such_pkg",), install_hint="pip install no-such-pkg"))
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises(kbitprep.BackendUnavailableError, match="install it with: pip install no-such-pkg"):
+        kbitprep.prepare(model, backend="needs-pkg", registry=reg)
+    assert model_state(model) == before
+
+
+def test_untrainable_backend_refuses_before_changing_anything() -> None:
+    reg = Registry()
+    reg.register(MarkerBackend("frozen-only", priority=90,
+                               decl=Declarations(trainable=False, not_trainable_reason="kernels have no backward")))
+    model = tiny_llama()
+    model.kbitprep_test_marker = True
+    before = model_state(model)
+    plan = kbitprep.plan(model, registry=reg)
+    assert not plan.trainable and "NO - kernels have no backward" in str(plan)
+    with pytest.raises(kbitprep.NotTrainableError, match="cannot be trained: kernels have no backward"):
+        kbitprep.prepare(model, registry=reg)
+    assert model_state(model) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"upcast": "everything"}, "valid choices: 'none', 'norms', 'all'"),
+        ({"upcast": 3}, "valid choices"),
+        ({"checkpointing": "sometimes"}, "valid choices: True, False, 'reentrant', 'non_reentrant', 'off'"),
+        ({"upcsat": "none"}, "unknown keyword argument\\(s\\) upcsat; valid keywords: backend, upcast"),
+    ],
+)
+def test_invalid_options_list_valid_choices(kwargs: dict[str, object], match: str) -> None:
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises(kbitprep.InvalidPolicyError, match=match):
+        kbitprep.prepare(model, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        kbitprep.plan(model, **kwargs)  # type: ignore[arg-type]
+    assert model_state(model) == before
+
+
+def test_forced_backend_that_does_not_match() -> None:
+    reg = Registry()
+    reg.register(MarkerBackend("marker"))
+    model = tiny_llama()
+    with pytest.raises(kbitprep.BackendMismatchError, match="does not recognise.*allow_mismatch=True"):
+        kbitprep.plan(model, backend="marker", registry=reg)
+    plan = kbitprep.plan(model, backend="marker", registry=reg, allow_mismatch=True)
+    assert plan.forced and "forced" in plan.evidence[0]
+
+
+def test_contradictory_declarations_are_a_contract_error() -> None:
+    reg = Registry()
+    reg.register(MarkerBackend("liar", priority=90, decl=Declarations(allow_upcast=False, default_upcast="all")))
+    model = tiny_llama()
+    model.kbitprep_test_marker = True
+    with pytest.raises(kbitprep.PluginContractError, match="allow_upcast is False but default_upcast is 'all'"):
+        kbitprep.plan(model, registry=reg)
+
+
+def test_meta_model_plans_but_does_not_prepare() -> None:
+    with torch.device("meta"):
+        model = tiny_llama()
+    plan = kbitprep.plan(model)
+    assert plan.bytes_before > 0
+    with pytest.raises(kbitprep.UnsupportedModelError, match="meta device"):
+        kbitprep.prepare(model)
+
+
+def test_every_error_derives_from_the_base_class() -> None:
+    for name in kbitprep.errors.__all__:
+        cls = getattr(kbitprep.errors, name)
+        if name.endswith("Error"):
+            assert issubclass(cls, kbitprep.KbitprepError), name
+        else:
+            assert issubclass(cls, kbitprep.KbitprepWarning), name
+        assert cls.__doc__

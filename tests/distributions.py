@@ -1,0 +1,53 @@
+"""Real plugin distributions for the tests: pip-installed into a private target directory.
+
+Each folder under ``tests/dists/`` is a small project with its own ``pyproject.toml`` that declares
+``kbitprep.backends`` entry points. :func:`install` runs ``pip install --target`` on it once per
+session (no network: ``--no-deps --no-build-isolation``); :func:`on_path` puts the resulting
+site directory on ``sys.path`` so ``importlib.metadata`` finds its entry points, for a fresh
+:class:`kbitprep.Registry` to discover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+DISTS = Path(__file__).parent / "dists"
+_TARGET_ROOT = Path(tempfile.mkdtemp(prefix="kbitprep-dists-"))
+
+
+@functools.cache
+def install(name: str) -> Path:
+    """pip-install ``tests/dists/<name>`` into its own target directory (once) and return that directory."""
+    target = _TARGET_ROOT / name
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--no-compile", "--disable-pip-version-check", "--target", str(target), str(DISTS / name)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return target
+
+
+@contextlib.contextmanager
+def on_path(*sites: Path) -> Iterator[None]:
+    """Make installed distributions visible to ``importlib.metadata`` and imports, then remove them."""
+    saved = list(sys.path)
+    before_modules = set(sys.modules)
+    sys.path[:0] = [str(s) for s in sites]
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+        for mod in set(sys.modules) - before_modules:
+            if any(str(s) in str(getattr(sys.modules[mod], "__file__", "") or "") for s in sites):
+                del sys.modules[mod]
+        importlib.invalidate_caches()

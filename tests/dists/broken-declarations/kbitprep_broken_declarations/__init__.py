@@ -1,0 +1,1 @@
+"""A kbitprep plugin broken on purpose: its declarations contradict each other."""

@@ -1,0 +1,1 @@
+"""A kbitprep plugin broken on purpose: its detector answers with a dict instead of a Detection."""

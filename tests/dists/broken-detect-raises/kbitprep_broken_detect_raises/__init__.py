@@ -1,0 +1,1 @@
+"""A kbitprep plugin broken on purpose: its detector raises on every model."""

@@ -1,0 +1,1 @@
+"""A kbitprep plugin broken on purpose: importing its backend raises RuntimeError."""
