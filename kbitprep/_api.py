@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ._gradflow import verify_gradient_flow
+from ._memory import MemoryChoice
 from ._mutation import Report, apply_plan, prepared_state
 from ._mutation import undo as _undo
 from ._planning import Plan, build_plan
@@ -21,7 +22,16 @@ __all__ = ["plan", "prepare", "prepare_model_for_kbit_training", "report", "undo
 
 M = TypeVar("M", bound=nn.Module)
 
-_PLAN_KEYWORDS = ("backend", "upcast", "checkpointing", "checkpointing_kwargs", "allow_mismatch", "strict", "registry")
+_PLAN_KEYWORDS = (
+    "backend",
+    "upcast",
+    "checkpointing",
+    "checkpointing_kwargs",
+    "allow_mismatch",
+    "strict",
+    "registry",
+    "memory",
+)
 _PREPARE_KEYWORDS = (*_PLAN_KEYWORDS, "verify", "plan")
 
 
@@ -50,6 +60,7 @@ def plan(
     allow_mismatch: bool = False,
     strict: bool | None = None,
     registry: Registry | None = None,
+    memory: MemoryChoice = None,
     **unknown: Any,
 ) -> Plan:
     """Work out what :func:`prepare` would do to ``model``, changing nothing.
@@ -65,6 +76,12 @@ def plan(
         allow_mismatch: use ``backend`` even if it does not recognise the model.
         strict: make broken plugins raise (default: the ``KBITPREP_STRICT`` environment variable).
         registry: the backend registry (default: the process-wide one).
+        memory: memory modes: ``"default"`` (or ``None``), ``"chunked_head"`` (output head and loss in
+            checkpointed 256-token chunks; the model then returns ``logits=None`` when trained with
+            labels), ``"offload"`` (tensors saved for backward kept in pinned CPU memory) or
+            ``"lowest"`` (no upcast + reentrant checkpointing + both); or a mapping such as
+            ``{"preset": "lowest", "chunked_head": 512}``. A preset fills in ``upcast`` /
+            ``checkpointing`` only where they are left at their defaults.
 
     Returns:
         The :class:`~kbitprep.Plan`; ``print(plan)`` shows it, ``plan.to_dict()`` gives data.
@@ -90,6 +107,7 @@ def plan(
             checkpointing_kwargs=checkpointing_kwargs,
             allow_mismatch=allow_mismatch,
             registry=registry,
+            memory=memory,
         )
 
 
@@ -105,6 +123,7 @@ def prepare(
     strict: bool | None = None,
     registry: Registry | None = None,
     plan: Plan | None = None,
+    memory: MemoryChoice = None,
     **unknown: Any,
 ) -> M:
     """Prepare ``model`` for LoRA/QLoRA training and return it (the same object).
@@ -158,6 +177,7 @@ def prepare(
                 checkpointing_kwargs=checkpointing_kwargs,
                 allow_mismatch=allow_mismatch,
                 registry=registry,
+                memory=memory,
             )
         apply_plan(model, plan)
     if verify:
@@ -227,7 +247,9 @@ def prepare_model_for_kbit_training(
     kwargs = dict(gradient_checkpointing_kwargs or {})
     mode: str | bool = False
     if (loaded_in_kbit or listed) and use_gradient_checkpointing:
-        mode = CheckpointMode.REENTRANT.value if kwargs.get("use_reentrant", True) else CheckpointMode.NON_REENTRANT.value
+        mode = (
+            CheckpointMode.REENTRANT.value if kwargs.get("use_reentrant", True) else CheckpointMode.NON_REENTRANT.value
+        )
     kwargs.pop("use_reentrant", None)
     the_plan = build_plan(
         model,

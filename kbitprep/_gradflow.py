@@ -56,8 +56,10 @@ def _default_inputs(model: nn.Module) -> dict[str, Any]:
             f"cannot build probe inputs for {type(model).__name__} (no config.vocab_size); "
             "pass inputs={...} to verify_gradient_flow"
         )
-    device = next((p.device for p in (emb.parameters() if isinstance(emb, nn.Module) else model.parameters())),
-                  torch.device("cpu"))
+    device = next(
+        (p.device for p in (emb.parameters() if isinstance(emb, nn.Module) else model.parameters())),
+        torch.device("cpu"),
+    )
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, 8), generator=gen).to(device)
     return {"input_ids": ids, "labels": ids.clone()}
@@ -67,8 +69,9 @@ def _loss_of(out: Any) -> torch.Tensor:
     loss = getattr(out, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss
-    if isinstance(out, Mapping) and isinstance(out.get("loss"), torch.Tensor):
-        return out["loss"]
+    mapped = out.get("loss") if isinstance(out, Mapping) else None
+    if isinstance(mapped, torch.Tensor):
+        return mapped
     tensor = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
     if tensor is None and isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
         tensor = out[0]
@@ -138,9 +141,7 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
             "checkpointing='non_reentrant'"
         )
     if not requires:
-        raise GradientFlowError(
-            "the output does not require grad: no parameter of the model can be trained"
-        )
+        raise GradientFlowError("the output does not require grad: no parameter of the model can be trained")
     return result
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from ._memory import apply_memory_modes
 from ._planning import (
     Plan,
     check_plan_matches,
@@ -26,15 +27,16 @@ from ._planning import (
 from ._snapshot import Changes, Snapshot
 from ._tensors import iter_unique_parameters
 from .errors import NotPreparedError, NotTrainableError, UnsupportedModelError
-from .plugin import CheckpointMode
+from .plugin import CheckpointMode, FixUp
 
 __all__ = ["PreparedState", "Report", "apply_plan", "prepared_state", "undo"]
 
 _STATE_ATTR = "_kbitprep_state"
 
-#: Steps run after the built-in ones, in order: ``fn(model, plan) -> None``. Extensions of the core
-#: (memory modes) register here; each runs inside the same transaction.
-EXTRA_STEPS: list[tuple[str, Callable[[nn.Module, Plan], None]]] = []
+#: Steps run after the built-in ones, in order: ``fn(model, plan) -> None | str``. Extensions of the core
+#: (memory modes) register here; each runs inside the same transaction. A step may return the label to
+#: record in the report (``""``: nothing was done, record nothing); ``None`` records the registered label.
+EXTRA_STEPS: list[tuple[str, Callable[[nn.Module, Plan], str | None]]] = [("memory modes", apply_memory_modes)]
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ def _enable_checkpointing(model: nn.Module, plan: Plan) -> None:
     if target is None:
         return
     kwargs = dict(plan.checkpointing_kwargs)
+    target = cast(Any, target)
     if hasattr(type(target), "activation_checkpointing_enable"):
         target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -131,6 +134,17 @@ def _install_input_grads_hook(model: nn.Module, plan: Plan) -> None:
     needs = any(d.input_grads_hook for d in plan.declarations)
     if plan.checkpointing is CheckpointMode.REENTRANT and needs:
         emb.register_forward_hook(_make_inputs_require_grad)
+
+
+def _blame_fixup(exc: Exception, plan: Plan, fix: FixUp) -> None:
+    """Add a note to ``exc`` naming the fix-up, its backend and that backend's distribution."""
+    owner = next(
+        (f"backend {b!r} (from {d})" for b, d, decl in zip(plan.backends, plan.distributions, plan.declarations)
+         if any(f is fix for f in decl.fixups)),
+        f"backend {plan.backend!r}",
+    )
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(f"kbitprep: raised by fix-up {fix.name!r} of {owner}; the model was restored as it was")
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Report:
@@ -161,7 +175,11 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
             by_name[pp.name].requires_grad_(False)
         steps.append(f"froze {len(plan.to_freeze)} parameters")
         for fix in plan.fixups:
-            fix.apply(model)
+            try:
+                fix.apply(model)
+            except Exception as exc:  # name the plugin to blame; the revert below restores the model
+                _blame_fixup(exc, plan, fix)
+                raise
             steps.append(f"fix-up {fix.name}")
         for pp in plan.to_upcast:
             p = by_name[pp.name]
@@ -173,8 +191,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
             steps.append(f"enabled {plan.checkpointing.value} checkpointing")
             _install_input_grads_hook(model, plan)
         for label, step in EXTRA_STEPS:
-            step(model, plan)
-            steps.append(label)
+            done = step(model, plan)
+            if done != "":
+                steps.append(done if isinstance(done, str) else label)
         changes = snapshot.changes()
     except BaseException:
         snapshot.changes().revert()

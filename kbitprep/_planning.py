@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from ._memory import MemoryChoice, memory_plan, preset_options, resolve_memory
 from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
 from ._registry import Registry, Selection, default_registry
 from ._tensors import iter_unique_parameters, tensor_nbytes
@@ -208,9 +209,9 @@ def checkpointing_target(model: nn.Module) -> nn.Module | None:
     """The transformers model inside ``model`` (also through a PEFT wrapper) that can checkpoint."""
     for mod in model.modules():
         cls = type(mod)
-        if hasattr(cls, "activation_checkpointing_enable") or hasattr(cls, "gradient_checkpointing_enable"):
-            if getattr(mod, "supports_gradient_checkpointing", True):
-                return mod
+        api = hasattr(cls, "activation_checkpointing_enable") or hasattr(cls, "gradient_checkpointing_enable")
+        if api and getattr(mod, "supports_gradient_checkpointing", True):
+            return mod
     return None
 
 
@@ -221,7 +222,7 @@ def input_embeddings(model: nn.Module) -> nn.Module | None:
     if getter is None:
         return None
     try:
-        emb = target.get_input_embeddings()
+        emb = cast(Any, target).get_input_embeddings()
     except (NotImplementedError, AttributeError):
         return None
     return emb if isinstance(emb, nn.Module) else None
@@ -248,8 +249,6 @@ def _adapter_param_ids(model: nn.Module) -> set[int]:
             sub = getattr(mod, attr, None)
             if isinstance(sub, nn.Module):
                 ids.update(id(p) for p in sub.parameters())
-            elif isinstance(sub, nn.ParameterDict | nn.ParameterList):
-                ids.update(id(p) for p in sub.parameters())
         if type(mod).__name__ == "ModulesToSaveWrapper":
             sub = getattr(mod, "modules_to_save", None)
             if isinstance(sub, nn.Module):
@@ -259,9 +258,7 @@ def _adapter_param_ids(model: nn.Module) -> set[int]:
 
 def is_peft_model(model: nn.Module) -> bool:
     """Whether the model is wrapped by PEFT (checked without importing peft)."""
-    return hasattr(model, "peft_config") and any(
-        hasattr(m, "adapter_layer_names") for m in model.modules()
-    )
+    return hasattr(model, "peft_config") and any(hasattr(m, "adapter_layer_names") for m in model.modules())
 
 
 def _merge(decls: list[Declarations]) -> Declarations:
@@ -269,8 +266,10 @@ def _merge(decls: list[Declarations]) -> Declarations:
         return decls[0]
     modes = frozenset.intersection(*(d.checkpointing for d in decls))
     first = decls[0]
-    default = first.default_checkpointing if first.default_checkpointing in modes else next(
-        iter(sorted(modes, key=lambda m: m.value)), CheckpointMode.OFF
+    default = (
+        first.default_checkpointing
+        if first.default_checkpointing in modes
+        else next(iter(sorted(modes, key=lambda m: m.value)), CheckpointMode.OFF)
     )
     reasons = [d.not_trainable_reason for d in decls if not d.trainable]
     allow = all(d.allow_upcast for d in decls)
@@ -300,12 +299,14 @@ def build_plan(
     registry: Registry | None = None,
     selection: Selection | None = None,
     peft_compat: bool = False,
+    memory: MemoryChoice = None,
 ) -> Plan:
     """Compute the plan for ``model`` without changing it (see :func:`kbitprep.plan`).
 
     ``peft_compat`` reproduces PEFT's rules instead of the backend's: upcast every plain fp16/bf16
     parameter that is not a ``Params4bit`` (``upcast`` must then be ``"all"`` or ``"none"``), and
-    use the checkpointing mode given whatever the backend declares.
+    use the checkpointing mode given whatever the backend declares. ``memory`` chooses the memory
+    modes (``kbitprep._memory``; carried in ``extras["memory"]``); it is ignored with ``peft_compat``.
     """
     if not isinstance(model, nn.Module):
         raise NotAModuleError(
@@ -323,10 +324,11 @@ def build_plan(
         policy_label = "peft" if upcast == "all" else "none"
         peft_mode = CheckpointMode(checkpointing) if isinstance(checkpointing, str) else CheckpointMode.OFF
         mode, mode_note = peft_mode, "PEFT's rule (prepare_model_for_kbit_training)"
-
-        def wants(n: str, p: torch.Tensor, m: nn.Module) -> bool:
-            return policy_label == "peft"
+        upcast_all = policy_label == "peft"
+        wants: Callable[[str, torch.Tensor, nn.Module], bool] = lambda n, p, m: upcast_all  # noqa: E731
     else:
+        modes = resolve_memory(memory)
+        upcast, checkpointing = preset_options(modes, upcast, checkpointing, decl.checkpointing)
         policy_label, wants = resolve_upcast(upcast, decl)
         mode, mode_note = resolve_checkpointing(checkpointing, decl)
     notes = list(decl.notes)
@@ -383,14 +385,22 @@ def build_plan(
         emb_name = _module_name(model, emb)
         if emb is not None and count_input_grad_hooks(emb):
             hooks.append(f"input-require-grads hook on {emb_name}: already present, not added again")
-        elif emb is not None and target is not None and hasattr(type(target), "_activation_checkpointing_enable") and (
-            getattr(target, "main_input_name", "") == "input_ids"
+        elif (
+            emb is not None
+            and target is not None
+            and hasattr(type(target), "_activation_checkpointing_enable")
+            and (getattr(target, "main_input_name", "") == "input_ids")
         ):
             hooks.append(f"input-require-grads hook on {emb_name} (registered by transformers with checkpointing)")
         elif emb is not None and use_reentrant and decl.input_grads_hook:
             hooks.append(f"input-require-grads hook on {emb_name} (kbitprep)")
         elif use_reentrant and decl.input_grads_hook:
             notes.append("reentrant checkpointing without input embeddings: gradients may not reach adapters")
+
+    memory_extras: dict[str, Any] = {}
+    if not peft_compat:
+        memory_extras, memory_notes = memory_plan(modes, model, mode)
+        notes.extend(memory_notes)
 
     if is_peft_model(model):
         notes.append("PEFT-wrapped model: adapter parameters keep their requires_grad; only the base is frozen")
@@ -417,6 +427,7 @@ def build_plan(
         not_trainable_reason=decl.not_trainable_reason,
         declarations=tuple(decls),
         fingerprint=model_fingerprint(model),
+        extras=memory_extras,
     )
 
 

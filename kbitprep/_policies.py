@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ __all__ = [
 ]
 
 #: A user upcast choice: a policy name, or ``fn(name, parameter, owning_module) -> bool``.
-UpcastPolicy = Union[str, Callable[[str, torch.Tensor, nn.Module], bool], None]
+UpcastPolicy = str | Callable[[str, torch.Tensor, nn.Module], bool] | None
 #: The named upcast policies.
 UPCAST_POLICIES: dict[str, str] = {
     "none": "keep every frozen parameter in its loaded dtype (kbitprep's default where the backend allows)",
@@ -36,7 +35,9 @@ def is_norm_module(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
 
 
-def resolve_upcast(upcast: UpcastPolicy, decl: Declarations) -> tuple[str, Callable[[str, torch.Tensor, nn.Module], bool]]:
+def resolve_upcast(
+    upcast: UpcastPolicy, decl: Declarations
+) -> tuple[str, Callable[[str, torch.Tensor, nn.Module], bool]]:
     """Turn the user's ``upcast=`` value and the backend's declarations into (label, predicate).
 
     The predicate only chooses among parameters the core already found eligible (plain fp16/bf16,

@@ -198,7 +198,13 @@ class Registry:
             if self._loaded:
                 return
             if self._discover:
-                self._load_entry_points()
+                try:
+                    self._load_entry_points()
+                except BaseException:
+                    # strict mode stopped discovery part-way: forget the half-filled table, or the next
+                    # attempt would report every backend loaded so far as clashing with itself
+                    self._backends.clear()
+                    raise
             self._loaded = True
 
     def _load_entry_points(self) -> None:
@@ -216,17 +222,28 @@ class Registry:
             try:
                 backend = obj() if isinstance(obj, type) else obj
             except Exception as exc:
-                self._fail(ep.name, dist, "load", f"instantiating {obj!r} raised {type(exc).__name__}: {exc}",
-                           PluginLoadError, exc)
+                self._fail(
+                    ep.name,
+                    dist,
+                    "load",
+                    f"instantiating {obj!r} raised {type(exc).__name__}: {exc}",
+                    PluginLoadError,
+                    exc,
+                )
                 continue
             problems = _contract_problems(backend)
             if problems:
                 self._fail(ep.name, dist, "contract", f"{ep.value} " + "; ".join(problems), PluginContractError)
                 continue
             if dist != BUILTIN_DISTRIBUTION and backend.name in reserved:
-                self._fail(ep.name, dist, "conflict",
-                           f"name {backend.name!r} is reserved for the built-in backend from {BUILTIN_DISTRIBUTION}; "
-                           "a plugin cannot replace it silently (choose another name)", PluginContractError)
+                self._fail(
+                    ep.name,
+                    dist,
+                    "conflict",
+                    f"name {backend.name!r} is reserved for the built-in backend from {BUILTIN_DISTRIBUTION}; "
+                    "a plugin cannot replace it silently (choose another name)",
+                    PluginContractError,
+                )
                 continue
             info = BackendInfo(backend, dist, version, ep.value)
             self._add(info, from_entry_point=True)
@@ -271,7 +288,9 @@ class Registry:
         )
 
     # ------------------------------------------------------------------ public API
-    def register(self, backend: Backend | type[Backend], *, replace: bool = False, distribution: str = "<registered>") -> Backend:
+    def register(
+        self, backend: Backend | type[Backend], *, replace: bool = False, distribution: str = "<registered>"
+    ) -> Backend:
         """Add a backend by hand (tests, notebooks). Returns the backend object.
 
         Raises:
@@ -354,12 +373,23 @@ class Registry:
         try:
             found = info.backend.detect(model)
         except Exception as exc:
-            self._fail(info.name, info.distribution, "detect", f"detect() raised {type(exc).__name__}: {exc}",
-                       PluginContractError, exc)
+            self._fail(
+                info.name,
+                info.distribution,
+                "detect",
+                f"detect() raised {type(exc).__name__}: {exc}",
+                PluginContractError,
+                exc,
+            )
             return None
         if found is not None and not isinstance(found, Detection):
-            self._fail(info.name, info.distribution, "detect",
-                       f"detect() returned {type(found).__name__}, not a Detection or None", PluginContractError)
+            self._fail(
+                info.name,
+                info.distribution,
+                "detect",
+                f"detect() returned {type(found).__name__}, not a Detection or None",
+                PluginContractError,
+            )
             return None
         return found
 
@@ -370,23 +400,21 @@ class Registry:
             PluginContractError: ``declare()`` raised, returned something else than
                 :class:`~kbitprep.plugin.Declarations`, or declarations that contradict themselves.
         """
+        cause: Exception | None = None
         try:
             decl = info.backend.declare(model, detection)
         except Exception as exc:
-            raise PluginContractError(
-                f"backend {info.name!r} (from {info.distribution}) failed in declare(): {type(exc).__name__}: {exc}"
-            ) from exc
-        if not isinstance(decl, Declarations):
-            raise PluginContractError(
-                f"backend {info.name!r} (from {info.distribution}) declare() returned "
-                f"{type(decl).__name__}, not kbitprep.plugin.Declarations"
-            )
-        problems = decl.problems()
-        if problems:
-            raise PluginContractError(
-                f"backend {info.name!r} (from {info.distribution}) declared contradictory rules: " + "; ".join(problems)
-            )
-        return decl
+            decl, cause, reason = None, exc, f"failed in declare(): {type(exc).__name__}: {exc}"
+        if cause is None and not isinstance(decl, Declarations):
+            reason = f"declare() returned {type(decl).__name__}, not kbitprep.plugin.Declarations"
+        elif isinstance(decl, Declarations):
+            problems = decl.problems()
+            if not problems:
+                return decl
+            reason = "declared contradictory rules: " + "; ".join(problems)
+        # listed in failures() with one PluginWarning (strict mode raises here), then refused for this model
+        self._fail(info.name, info.distribution, "declare", reason, PluginContractError, cause)
+        raise PluginContractError(f"backend {info.name!r} (from {info.distribution}) {reason}") from cause
 
     def select(self, model: nn.Module, backend: str | None = None, *, allow_mismatch: bool = False) -> Selection:
         """Choose the backend(s) for ``model``.
@@ -427,7 +455,9 @@ class Registry:
             )
         found_all.sort(key=lambda p: (-p[0].backend.priority, p[0].name))
         specific = [p for p in found_all if p[1].modules]
-        pool = specific or found_all[:1] + [p for p in found_all[1:] if p[0].backend.priority == found_all[0][0].backend.priority]
+        pool = specific or found_all[:1] + [
+            p for p in found_all[1:] if p[0].backend.priority == found_all[0][0].backend.priority
+        ]
         top = pool[0]
         chosen: list[tuple[BackendInfo, Detection]] = [top]
         claimed = set(top[1].modules)

@@ -40,29 +40,57 @@ def render_plan(plan: Plan) -> str:
     head = f"kbitprep plan for {plan.model_type}"
     lines = [head, "=" * len(head)]
     chosen = plan.backend if len(plan.backends) == 1 else " + ".join(plan.backends)
-    lines.append(f"backend        : {chosen} (from {', '.join(dict.fromkeys(plan.distributions))})"
-                 + ("  [forced]" if plan.forced else ""))
+    lines.append(
+        f"backend        : {chosen} (from {', '.join(dict.fromkeys(plan.distributions))})"
+        + ("  [forced]" if plan.forced else "")
+    )
     for e in plan.evidence:
         lines.append(f"  evidence     : {e}")
     lines.append(f"trainable      : {'yes' if plan.trainable else 'NO - ' + plan.not_trainable_reason}")
     lines.append(f"upcast policy  : {plan.upcast_policy}")
     kw = ", ".join(f"{k}={v!r}" for k, v in plan.checkpointing_kwargs.items())
-    lines.append(f"checkpointing  : {plan.checkpointing.value} ({plan.checkpointing_note})" + (f" [{kw}]" if kw else ""))
+    lines.append(
+        f"checkpointing  : {plan.checkpointing.value} ({plan.checkpointing_note})" + (f" [{kw}]" if kw else "")
+    )
     for h in plan.hooks or ("none",):
         lines.append(f"hooks          : {h}")
     for f in plan.fixups:
         lines.append(f"fix-up         : {f.name} - {f.description}")
     for k, v in plan.extras.items():
-        lines.append(f"{k:<15}: {v}")
+        shown = ", ".join(f"{a}={b!r}" for a, b in v.items()) if isinstance(v, dict) else v
+        lines.append(f"{k:<15}: {shown}")
     lines.append("")
     rows = []
     for kind, g in sorted(plan.by_module_type().items(), key=lambda kv: -kv[1]["bytes_before"]):
-        rows.append([kind, g["params"], g["quantized"], g["frozen"], g["upcast"],
-                     format_bytes(g["bytes_before"]), format_bytes(g["bytes_after"])])
-    rows.append(["TOTAL", len(plan.params), len(plan.quantized), len(plan.to_freeze), len(plan.to_upcast),
-                 format_bytes(plan.bytes_before), format_bytes(plan.bytes_after)])
-    lines.append(table(["module type", "params", "quantized", "freeze", "upcast", "bytes before", "bytes after"],
-                       rows, right=(1, 2, 3, 4, 5, 6)))
+        rows.append(
+            [
+                kind,
+                g["params"],
+                g["quantized"],
+                g["frozen"],
+                g["upcast"],
+                format_bytes(g["bytes_before"]),
+                format_bytes(g["bytes_after"]),
+            ]
+        )
+    rows.append(
+        [
+            "TOTAL",
+            len(plan.params),
+            len(plan.quantized),
+            len(plan.to_freeze),
+            len(plan.to_upcast),
+            format_bytes(plan.bytes_before),
+            format_bytes(plan.bytes_after),
+        ]
+    )
+    lines.append(
+        table(
+            ["module type", "params", "quantized", "freeze", "upcast", "bytes before", "bytes after"],
+            rows,
+            right=(1, 2, 3, 4, 5, 6),
+        )
+    )
     delta = plan.byte_delta
     lines.append(f"parameter memory change: {'+' if delta >= 0 else ''}{format_bytes(delta)}")
     for n in plan.notes:

@@ -180,9 +180,7 @@ class Snapshot:
         for t in tensors.values():
             objs.setdefault(id(t), t)
         self._objs = [_capture_obj(o) for o in objs.values()]
-        self._tensors = [
-            _TensorState(t, t.data, t.dtype, t.requires_grad, _data_key(t)) for t in tensors.values()
-        ]
+        self._tensors = [_TensorState(t, t.data, t.dtype, t.requires_grad, _data_key(t)) for t in tensors.values()]
 
     def changes(self) -> Changes:
         """Compare the model now with the snapshot."""

@@ -21,7 +21,7 @@ def tensor_nbytes(t: torch.Tensor) -> int:
     flatten = getattr(type(data), "__tensor_flatten__", None)
     if type(data) is not torch.Tensor and flatten is not None:
         try:
-            names, _ = data.__tensor_flatten__()
+            names, _ = flatten(data)
         except Exception:
             names = []
         if names:
@@ -35,7 +35,7 @@ def storage_digest(t: torch.Tensor) -> str:
     data = t.data if isinstance(t, nn.Parameter) else t
     flatten = getattr(type(data), "__tensor_flatten__", None)
     if type(data) is not torch.Tensor and flatten is not None:
-        names, _ = data.__tensor_flatten__()
+        names, _ = flatten(data)
         for n in names:
             h.update(n.encode())
             h.update(storage_digest(getattr(data, n)).encode())

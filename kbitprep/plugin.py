@@ -141,9 +141,7 @@ class Declarations:
     allow_upcast: bool = True
     upcast_note: str = ""
     default_upcast: str = "none"
-    checkpointing: frozenset[CheckpointMode] = frozenset(
-        {CheckpointMode.REENTRANT, CheckpointMode.NON_REENTRANT}
-    )
+    checkpointing: frozenset[CheckpointMode] = frozenset({CheckpointMode.REENTRANT, CheckpointMode.NON_REENTRANT})
     default_checkpointing: CheckpointMode = CheckpointMode.REENTRANT
     input_grads_hook: bool = True
     trainable: bool = True
@@ -162,8 +160,10 @@ class Declarations:
             found.append(f"allow_upcast is False but default_upcast is {self.default_upcast!r}")
         if CheckpointMode.OFF in self.checkpointing:
             found.append("checkpointing lists OFF; list only the modes that work")
-        if self.default_checkpointing is not CheckpointMode.OFF and self.checkpointing and (
-            self.default_checkpointing not in self.checkpointing
+        if (
+            self.default_checkpointing is not CheckpointMode.OFF
+            and self.checkpointing
+            and (self.default_checkpointing not in self.checkpointing)
         ):
             found.append(
                 f"default_checkpointing {self.default_checkpointing.value!r} is not among the supported "
@@ -320,4 +320,3 @@ def missing_packages(requires: Iterable[str]) -> list[str]:
         if not found:
             missing.append(name)
     return missing
-

@@ -27,8 +27,20 @@ def install(name: str) -> Path:
     """pip-install ``tests/dists/<name>`` into its own target directory (once) and return that directory."""
     target = _TARGET_ROOT / name
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-compile", "--disable-pip-version-check", "--target", str(target), str(DISTS / name)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-compile",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(DISTS / name),
+        ],
         check=True,
         capture_output=True,
         text=True,

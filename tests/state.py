@@ -15,7 +15,9 @@ def model_state(model: nn.Module) -> dict[str, Any]:
         n: (p.dtype, type(p).__name__, type(p.data).__name__, p.requires_grad, storage_digest(p))
         for n, p in model.named_parameters(remove_duplicate=False)
     }
-    buffers = {n: (b.dtype, type(b).__name__, storage_digest(b)) for n, b in model.named_buffers(remove_duplicate=False)}
+    buffers = {
+        n: (b.dtype, type(b).__name__, storage_digest(b)) for n, b in model.named_buffers(remove_duplicate=False)
+    }
     hooks = {
         n: (
             len(m._forward_hooks),

@@ -56,7 +56,7 @@ def test_detected_with_evidence(case: BackendCase) -> None:
 def test_plan_matches_declarations_and_changes_nothing(case: BackendCase) -> None:
     model = case.build()
     before = model_state(model)
-    name, decl = _declarations(model)
+    _, decl = _declarations(model)
     plan = kbitprep.plan(model)
     assert model_state(model) == before, "plan() changed the model"
     names_in_plan = {a for p in plan.params for a in p.aliases}

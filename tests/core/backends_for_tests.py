@@ -10,8 +10,15 @@ from kbitprep.plugin import Backend, CheckpointMode, Declarations, Detection, Fi
 class MarkerBackend(Backend):
     """Claims models carrying ``kbitprep_test_marker``; declarations given at construction."""
 
-    def __init__(self, name: str = "marker", priority: int = 50, decl: Declarations | None = None,
-                 modules: tuple[str, ...] | None = None, requires: tuple[str, ...] = (), install_hint: str = ""):
+    def __init__(
+        self,
+        name: str = "marker",
+        priority: int = 50,
+        decl: Declarations | None = None,
+        modules: tuple[str, ...] | None = None,
+        requires: tuple[str, ...] = (),
+        install_hint: str = "",
+    ):
         self.name = name  # type: ignore[misc]
         self.priority = priority  # type: ignore[misc]
         self.requires = requires  # type: ignore[misc]

@@ -54,8 +54,13 @@ def test_backend_with_missing_packages_carries_the_install_hint() -> None:
 
 def test_untrainable_backend_refuses_before_changing_anything() -> None:
     reg = Registry()
-    reg.register(MarkerBackend("frozen-only", priority=90,
-                               decl=Declarations(trainable=False, not_trainable_reason="kernels have no backward")))
+    reg.register(
+        MarkerBackend(
+            "frozen-only",
+            priority=90,
+            decl=Declarations(trainable=False, not_trainable_reason="kernels have no backward"),
+        )
+    )
     model = tiny_llama()
     model.kbitprep_test_marker = True
     before = model_state(model)

@@ -140,11 +140,22 @@ def test_selection_explicit_wins_then_priority_then_tie_is_an_error() -> None:
 
 def test_specific_backends_with_disjoint_claims_are_combined() -> None:
     reg = Registry(discover=False)
-    reg.register(MarkerBackend("emb", priority=80, modules=("model.embed_tokens",),
-                               decl=Declarations(quantized=frozenset({"model.embed_tokens.weight"}))))
-    reg.register(MarkerBackend("head", priority=70, modules=("lm_head",),
-                               decl=Declarations(quantized=frozenset({"lm_head.weight"}), allow_upcast=False,
-                                                 upcast_note="head breaks")))
+    reg.register(
+        MarkerBackend(
+            "emb",
+            priority=80,
+            modules=("model.embed_tokens",),
+            decl=Declarations(quantized=frozenset({"model.embed_tokens.weight"})),
+        )
+    )
+    reg.register(
+        MarkerBackend(
+            "head",
+            priority=70,
+            modules=("lm_head",),
+            decl=Declarations(quantized=frozenset({"lm_head.weight"}), allow_upcast=False, upcast_note="head breaks"),
+        )
+    )
     plan = kbitprep.plan(_marked(), registry=reg)
     assert plan.backends == ("emb", "head")
     assert {p.name for p in plan.quantized} == {"model.embed_tokens.weight", "lm_head.weight"}

@@ -27,7 +27,7 @@ class ScaledInt8Linear(nn.Module):
 
 def quantize(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Swap every nn.Linear (except ``skip``) for ScaledInt8Linear, in place."""
-    for name, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear) and child_name not in skip:
                 setattr(mod, child_name, ScaledInt8Linear(child))

@@ -1,0 +1,1 @@
+"""Reliability: broken plugins, faults halfway through prepare, bad inputs, random models, threads."""
