@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from . import errors
 from ._api import plan, prepare, prepare_model_for_kbit_training, report, undo
+from ._fsdp import FsdpSetting, FsdpWarning, detect_fsdp
 from ._gradflow import GradientFlowResult, verify_gradient_flow
 from ._mutation import Report
 from ._planning import ParamPlan, Plan
@@ -30,6 +31,7 @@ from ._registry import (
     default_registry,
     strict_mode,
 )
+from ._trainer import CheckpointingConflictWarning, CheckpointingStatus, checkpointing_status, training_arguments_for
 from .errors import (
     AlreadyPreparedWarning,
     BackendConflictError,
@@ -87,9 +89,13 @@ __all__ = [
     "BackendMismatchError",
     "BackendUnavailableError",
     "CheckpointMode",
+    "CheckpointingConflictWarning",
+    "CheckpointingStatus",
     "Declarations",
     "Detection",
     "FixUp",
+    "FsdpSetting",
+    "FsdpWarning",
     "GradientFlowError",
     "GradientFlowResult",
     "InvalidModelError",
@@ -115,7 +121,9 @@ __all__ = [
     "UpcastPolicy",
     "__version__",
     "backends",
+    "checkpointing_status",
     "default_registry",
+    "detect_fsdp",
     "errors",
     "plan",
     "plugin_failures",
@@ -124,6 +132,7 @@ __all__ = [
     "register",
     "report",
     "strict_mode",
+    "training_arguments_for",
     "undo",
     "unregister",
     "verify_gradient_flow",

@@ -31,6 +31,7 @@ _PLAN_KEYWORDS = (
     "strict",
     "registry",
     "memory",
+    "fsdp",
 )
 _PREPARE_KEYWORDS = (*_PLAN_KEYWORDS, "verify", "plan")
 
@@ -61,6 +62,7 @@ def plan(
     strict: bool | None = None,
     registry: Registry | None = None,
     memory: MemoryChoice = None,
+    fsdp: bool | int | None = None,
     **unknown: Any,
 ) -> Plan:
     """Work out what :func:`prepare` would do to ``model``, changing nothing.
@@ -82,6 +84,11 @@ def plan(
             ``"lowest"`` (no upcast + reentrant checkpointing + both); or a mapping such as
             ``{"preset": "lowest", "chunked_head": 512}``. A preset fills in ``upcast`` /
             ``checkpointing`` only where they are left at their defaults.
+        fsdp: the model will be trained under FSDP: ``True``, ``1`` (FSDP1), ``2`` (FSDP2) or
+            ``False``; ``None`` detects it from accelerate's environment (``ACCELERATE_USE_FSDP``,
+            ``FSDP_*``). Under FSDP nothing is upcast unless asked (each FSDP unit keeps one dtype),
+            checkpointing defaults to non-reentrant, and the parameter dtypes are checked, including a
+            bitsandbytes 4-bit ``bnb_4bit_quant_storage`` that must match the model's dtype.
 
     Returns:
         The :class:`~kbitprep.Plan`; ``print(plan)`` shows it, ``plan.to_dict()`` gives data.
@@ -108,6 +115,7 @@ def plan(
             allow_mismatch=allow_mismatch,
             registry=registry,
             memory=memory,
+            fsdp=fsdp,
         )
 
 
@@ -124,6 +132,7 @@ def prepare(
     registry: Registry | None = None,
     plan: Plan | None = None,
     memory: MemoryChoice = None,
+    fsdp: bool | int | None = None,
     **unknown: Any,
 ) -> M:
     """Prepare ``model`` for LoRA/QLoRA training and return it (the same object).
@@ -178,6 +187,7 @@ def prepare(
                 allow_mismatch=allow_mismatch,
                 registry=registry,
                 memory=memory,
+                fsdp=fsdp,
             )
         apply_plan(model, plan)
     if verify:

@@ -156,6 +156,7 @@ def _probe_parameter(model: nn.Module) -> tuple[str, nn.Parameter] | None:
         except (NotImplementedError, AttributeError):
             emb = None
     skip = {id(p) for p in emb.parameters()} if isinstance(emb, nn.Module) else set()
+    skip |= _quantized_parameter_ids(model)  # quantized storage (e.g. AQLM codebooks) never gets a gradient
     fallback = None
     for _mname, mod in model.named_modules():
         inside_layer = hasattr(mod, "gradient_checkpointing") and not hasattr(type(mod), "get_input_embeddings")
@@ -168,3 +169,14 @@ def _probe_parameter(model: nn.Module) -> tuple[str, nn.Parameter] | None:
             if fallback is None:
                 fallback = (full, p)
     return fallback
+
+
+def _quantized_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters the applied plan marks as quantized storage (empty when kbitprep did not prepare the model)."""
+    from ._mutation import prepared_state
+
+    state = prepared_state(model)
+    if state is None:
+        return set()
+    names = {a for p in state.report.plan.quantized for a in p.aliases}
+    return {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in names}

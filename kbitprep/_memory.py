@@ -35,7 +35,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +112,7 @@ class MemoryModes:
 
 #: A user's ``memory=`` value: a preset name, a mapping (``{"preset": "lowest", "chunked_head": 512}``;
 #: keys ``preset``, ``chunked_head`` (``True``/``False``/tokens), ``offload``), a :class:`MemoryModes`, or ``None``.
-MemoryChoice = Union[str, Mapping[str, Any], MemoryModes, None]
+MemoryChoice = str | Mapping[str, Any] | MemoryModes | None
 
 
 def _valid_choices() -> str:
@@ -214,7 +214,7 @@ def _output_head(module: nn.Module) -> nn.Module | None:
     if getter is None:
         return None
     try:
-        head = module.get_output_embeddings()
+        head = getter(module)
     except (NotImplementedError, AttributeError):
         return None
     return head if isinstance(head, nn.Module) else None
@@ -250,7 +250,7 @@ def _parameters_of(mod: nn.Module) -> Mapping[str, inspect.Parameter]:
 def _module_name(model: nn.Module, target: nn.Module) -> str:
     for name, mod in model.named_modules():
         if mod is target:
-            return name
+            return str(name)
     return ""
 
 
@@ -522,10 +522,8 @@ class _PatchedForward:
         self.module = module
         self.original = original
         bound = original if original is not None else type(module).forward.__get__(module)
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             self.__signature__ = inspect.signature(bound)  # Trainer and PEFT inspect forward's parameters
-        except (TypeError, ValueError):
-            pass
 
     def _orig(self) -> Callable[..., Any]:
         if self.original is not None:
@@ -578,14 +576,14 @@ class _PatchedForward:
             out = forward(*args, **call)
         finally:
             _CAPTURE.reset(token)
-        hidden = box[1]
-        logits = getattr(out, "logits", None)
-        if hidden is None or logits is not hidden or not hasattr(out, "items"):
+        hidden: torch.Tensor | None = box[1] if isinstance(box[1], torch.Tensor) else None
+        untouched = getattr(out, "logits", None) is box[1]  # the forward returned the head's output as is
+        if hidden is None or not untouched or not hasattr(out, "items"):
             self._give_up(state, "its forward transforms the head's output (e.g. logit soft-capping or scaling)")
             return forward(*args, **kwargs)
         shift = loss_kwargs.get("shift_labels")
         reference = shift if shift is not None else labels
-        if tuple(hidden.shape[:-1]) != tuple(reference.shape):
+        if not isinstance(reference, torch.Tensor) or tuple(hidden.shape[:-1]) != tuple(reference.shape):
             self._give_up(state, "labels do not align with the hidden states")
             return forward(*args, **kwargs)
         loss = chunked_causal_lm_loss(
@@ -617,12 +615,12 @@ def apply_memory_modes(model: nn.Module, plan: Plan) -> str:
     parts = []
     if state.chunked_head:
         head = modules[spec["head"]]
-        vars(head)["forward"] = _PatchedHead(head, vars(head).get("forward"))
+        head.__dict__["forward"] = _PatchedHead(head, head.__dict__.get("forward"))
         parts.append(f"chunked output head ({state.chunked_head}-token chunks)")
     if state.offload:
         parts.append("offloaded checkpointing (pinned CPU memory, side CUDA stream)")
-    vars(target)["forward"] = _PatchedForward(target, vars(target).get("forward"))
-    vars(target)[_STATE_ATTR] = state
+    target.__dict__["forward"] = _PatchedForward(target, target.__dict__.get("forward"))
+    target.__dict__[_STATE_ATTR] = state
     return "memory: " + " + ".join(parts)
 
 
@@ -681,7 +679,7 @@ def set_memory_modes(
             tokens = chunked_head
         else:
             raise InvalidPolicyError(f"chunked_head={chunked_head!r} is not valid; use True, False or a token count")
-        if tokens and not state.prepared_chunk:
+        if chunked_head is not False and not state.prepared_chunk:
             raise InvalidPolicyError(
                 "the chunked output head was not installed at prepare; prepare with memory='chunked_head' first"
             )

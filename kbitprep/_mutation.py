@@ -139,8 +139,11 @@ def _install_input_grads_hook(model: nn.Module, plan: Plan) -> None:
 def _blame_fixup(exc: Exception, plan: Plan, fix: FixUp) -> None:
     """Add a note to ``exc`` naming the fix-up, its backend and that backend's distribution."""
     owner = next(
-        (f"backend {b!r} (from {d})" for b, d, decl in zip(plan.backends, plan.distributions, plan.declarations)
-         if any(f is fix for f in decl.fixups)),
+        (
+            f"backend {b!r} (from {d})"
+            for b, d, decl in zip(plan.backends, plan.distributions, plan.declarations)
+            if any(f is fix for f in decl.fixups)
+        ),
         f"backend {plan.backend!r}",
     )
     if hasattr(exc, "add_note"):  # Python 3.11+

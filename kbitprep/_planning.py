@@ -11,6 +11,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ._fsdp import check_fsdp_dtypes, detect_fsdp, fsdp_choices
 from ._memory import MemoryChoice, memory_plan, preset_options, resolve_memory
 from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
 from ._registry import Registry, Selection, default_registry
@@ -300,6 +301,7 @@ def build_plan(
     selection: Selection | None = None,
     peft_compat: bool = False,
     memory: MemoryChoice = None,
+    fsdp: bool | int | None = None,
 ) -> Plan:
     """Compute the plan for ``model`` without changing it (see :func:`kbitprep.plan`).
 
@@ -307,6 +309,8 @@ def build_plan(
     parameter that is not a ``Params4bit`` (``upcast`` must then be ``"all"`` or ``"none"``), and
     use the checkpointing mode given whatever the backend declares. ``memory`` chooses the memory
     modes (``kbitprep._memory``; carried in ``extras["memory"]``); it is ignored with ``peft_compat``.
+    ``fsdp`` (``None``: detect from accelerate's environment) applies the FSDP dtype policy of
+    ``kbitprep._fsdp`` (carried in ``extras["fsdp"]``); also ignored with ``peft_compat``.
     """
     if not isinstance(model, nn.Module):
         raise NotAModuleError(
@@ -319,6 +323,16 @@ def build_plan(
     sel = selection or reg.select(model, backend, allow_mismatch=allow_mismatch)
     decls = [reg.declare(info, model, det) for info, det in sel.detections]
     decl = _merge(decls)
+    fsdp_setting = detect_fsdp(fsdp, model=model)
+    fsdp_notes: list[str] = []
+    fsdp_ckpt_note: str | None = None
+    if fsdp_setting.enabled and not peft_compat:
+        upcast, checkpointing, fsdp_notes, fsdp_ckpt_note = fsdp_choices(fsdp_setting, decl, upcast, checkpointing)
+    elif fsdp_setting.enabled:
+        fsdp_notes.append(
+            f"FSDP detected ({fsdp_setting.source}) but the drop-in follows PEFT's rules (fp32 upcast), which FSDP1 "
+            "cannot flatten; use kbitprep.prepare(model, fsdp=True)"
+        )
 
     if peft_compat:
         policy_label = "peft" if upcast == "all" else "none"
@@ -331,6 +345,7 @@ def build_plan(
         upcast, checkpointing = preset_options(modes, upcast, checkpointing, decl.checkpointing)
         policy_label, wants = resolve_upcast(upcast, decl)
         mode, mode_note = resolve_checkpointing(checkpointing, decl)
+        mode_note = fsdp_ckpt_note or mode_note
     notes = list(decl.notes)
     target = checkpointing_target(model)
     if mode is not CheckpointMode.OFF and target is None:
@@ -373,6 +388,10 @@ def build_plan(
             f"{type(model).__name__} has no floating-point parameters and no quantized layers a backend "
             "recognises; there is nothing to train"
         )
+    fsdp_extras: dict[str, Any] = {}
+    if fsdp_setting.enabled and not peft_compat:
+        more, fsdp_extras = check_fsdp_dtypes(model, params, fsdp_setting, upcast_label=policy_label)
+        fsdp_notes.extend(more)
 
     use_reentrant = mode is CheckpointMode.REENTRANT
     ckpt_kwargs: dict[str, Any] = dict(checkpointing_kwargs or {})
@@ -401,6 +420,10 @@ def build_plan(
     if not peft_compat:
         memory_extras, memory_notes = memory_plan(modes, model, mode)
         notes.extend(memory_notes)
+
+    if fsdp_setting.enabled:
+        notes.extend(fsdp_notes)
+        memory_extras = {**memory_extras, "fsdp": {**fsdp_setting.to_dict(), **fsdp_extras}}
 
     if is_peft_model(model):
         notes.append("PEFT-wrapped model: adapter parameters keep their requires_grad; only the base is frozen")

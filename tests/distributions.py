@@ -19,13 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 DISTS = Path(__file__).parent / "dists"
+#: Example distributions shipped with the docs (``examples/<name>``); install with ``install(name, where=EXAMPLES)``.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 _TARGET_ROOT = Path(tempfile.mkdtemp(prefix="kbitprep-dists-"))
 
 
 @functools.cache
-def install(name: str) -> Path:
-    """pip-install ``tests/dists/<name>`` into its own target directory (once) and return that directory."""
-    target = _TARGET_ROOT / name
+def install(name: str, where: Path = DISTS) -> Path:
+    """pip-install ``<where>/<name>`` (by default ``tests/dists/<name>``) into its own target directory
+    (once) and return that directory."""
+    target = _TARGET_ROOT / where.name / name
     subprocess.run(
         [
             sys.executable,
@@ -39,7 +42,7 @@ def install(name: str) -> Path:
             "--disable-pip-version-check",
             "--target",
             str(target),
-            str(DISTS / name),
+            str(where / name),
         ],
         check=True,
         capture_output=True,

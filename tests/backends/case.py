@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -22,6 +23,8 @@ class BackendCase:
             when PEFT's function succeeds (then parity is checked).
         stand_in: non-empty when part of the row is a stand-in (a kernel that cannot run here); the
             matrix prints it.
+        context: returns a context manager every check of the row runs inside (e.g. one that
+            installs the stand-in only for the duration of the test); ``None`` for none.
         train_dtype: autocast-free compute; inputs are token ids so no dtype is needed.
         notes: printed with the matrix.
     """
@@ -34,4 +37,9 @@ class BackendCase:
     peft_fails: str = ""
     stand_in: str = ""
     notes: str = ""
+    context: Callable[[], AbstractContextManager[object]] | None = None
     extra: dict[str, object] = field(default_factory=dict)
+
+    def entered(self) -> AbstractContextManager[object]:
+        """The row's :attr:`context` (a fresh one), or a context that does nothing."""
+        return self.context() if self.context is not None else nullcontext()

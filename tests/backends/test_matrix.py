@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,12 +24,13 @@ CASES = all_cases()
 
 
 @pytest.fixture(params=CASES, ids=lambda c: c.id)
-def case(request: pytest.FixtureRequest) -> BackendCase:
+def case(request: pytest.FixtureRequest) -> Iterator[BackendCase]:
     c: BackendCase = request.param
     missing = missing_packages(c.requires)
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)}")
-    return c
+    with c.entered():
+        yield c
 
 
 def _declarations(model: torch.nn.Module) -> tuple[str, kbitprep.Declarations]:

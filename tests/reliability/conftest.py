@@ -43,6 +43,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: igno
     total = sum(figures.EXAMPLES.values())
     per = ", ".join(f"{t} {n}" for t, n in sorted(figures.EXAMPLES.items()))
     tr.write_line(f"property-test examples run: {total}" + (f" ({per})" if per else ""))
+    if figures.COVERAGE:
+        tr.write_line("  examples with: " + ", ".join(f"{k} {n}" for k, n in sorted(figures.COVERAGE.items())))
     tr.write_line(
         f"full model-state comparisons after a failure or undo: {figures.STATE_CHECKS[0]}; "
         f"partial states found: {len(figures.PARTIAL)}"

@@ -10,6 +10,8 @@ FAULTS: dict[str, str] = {}
 EXAMPLES: Counter[str] = Counter()
 #: how many times a model's full state was compared with its state before a failure or undo
 STATE_CHECKS: list[int] = [0]
+#: what the random examples contained (quantized kinds, ties, shared modules, refused policies)
+COVERAGE: Counter[str] = Counter()
 #: descriptions of every partial state found (a model left neither as before nor fully prepared)
 PARTIAL: list[str] = []
 

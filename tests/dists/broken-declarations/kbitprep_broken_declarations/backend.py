@@ -1,21 +1,26 @@
-"""A backend that recognises every model and then declares rules that cannot all hold."""
+"""A backend that recognises its models and then declares rules that cannot all hold."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from kbitprep.plugin import Backend, CheckpointMode, Declarations, Detection
+from kbitprep.plugin import Backend, CheckpointMode, Declarations, Detection, quant_method
+
+METHOD = "kbitprep-broken-declarations"
 
 
 class ContradictoryBackend(Backend):
-    """Forbids upcasting yet defaults to upcasting everything; supports no checkpointing mode yet
-    defaults to reentrant checkpointing; untrainable without a reason."""
+    """Claims models whose ``quantization_config`` names its method; then forbids upcasting yet
+    defaults to upcasting everything, supports no checkpointing mode yet defaults to reentrant
+    checkpointing, and is untrainable without a reason."""
 
     name = "broken-declarations"
-    priority = 500
+    priority = 100
 
     def detect(self, model: nn.Module) -> Detection | None:
-        return Detection(evidence=("claims every model",))
+        if quant_method(model) != METHOD:
+            return None
+        return Detection(evidence=(f"quant_method {METHOD!r}",))
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         return Declarations(

@@ -1,0 +1,514 @@
+"""Planning without weights: quantization schemes, their storage formulas, and PEFT's figure.
+
+``kbitprep plan --config config.json --quantization bnb-4bit`` builds the model described by a
+transformers config on the meta device (no weight memory at all), plans it with the core planner,
+and then replaces every weight the quantization would convert by the bytes that scheme stores for
+it, computed from the layer's shape alone. A 70B-parameter config plans in a second or two.
+
+Storage formulas, per converted ``nn.Linear`` weight with ``out`` rows, ``inp`` columns and
+``n = out * inp`` elements (``ceil`` rounds up; ``f`` is the byte size of the model's float dtype,
+2 for bf16/fp16). Each was checked against the tensors the library really stores on a small model
+(``tests/cli/test_metaplan.py``):
+
+``bnb-4bit``  (bitsandbytes NF4, blocksize 64, double quantization, as the demo loads it)
+    ``ceil(n/2)`` packed 4-bit data + ``b = ceil(n/64)`` uint8 absmax (one per block) +
+    ``4 * ceil(b/256)`` fp32 second-level absmax + 4 (fp32 offset) + 64 (16-entry fp32 NF4 code) +
+    1024 (256-entry fp32 code of the second level). About 0.516 byte per parameter.
+``bnb-8bit``  (bitsandbytes LLM.int8)
+    ``n`` int8 + ``4 * out`` (fp32 row scale ``SCB``). About 1 byte per parameter.
+``torchao-int8``  (``Int8WeightOnlyConfig``)
+    ``n`` int8 + ``4 * out`` (fp32 row scale) + ``out`` (int8 zero point).
+``torchao-int4``  (``IntxWeightOnlyConfig(int4, PerGroup(32))``: int4 values stored unpacked in int8)
+    ``n`` int8 + ``g = out * ceil(inp/32)`` groups x (``f`` scale + 1 int8 zero point).
+``quanto-int8``  (``QuantoConfig(weights="int8")``)
+    ``n`` int8 + ``f * out`` (row scale in the model's dtype).
+``quanto-int4``  (``QuantoConfig(weights="int4")``, group size 128)
+    ``ceil(n/2)`` packed + ``g = out * ceil(inp/128)`` groups x ``2 f`` (scale and shift).
+``hqq-4bit``  (hqq ``BaseQuantizeConfig(nbits=4, group_size=64)``)
+    ``ceil(n/2)`` packed + ``g = ceil(n/64)`` groups x ``2 f`` (scale and zero in the compute dtype).
+
+Which linears are converted follows transformers' quantizers: every ``nn.Linear`` except the
+output embeddings (``lm_head``), tied weights, the model's last parameter and its
+``_keep_in_fp32_modules`` (``transformers.quantizers.base.get_keys_to_not_convert``). Biases and
+every other parameter keep the loaded float dtype. The bytes reported for a quantized weight are
+its data *plus* its scales / quantization state (the "overhead"), whether the library keeps them
+inside the parameter (torchao, quanto) or beside it (bitsandbytes, hqq); a plan of a really
+loaded model counts what lives in the parameter objects, so for bitsandbytes and hqq it shows
+the data bytes only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._api import _PEFT_NO_UPCAST
+from ._planning import ParamPlan, Plan, build_plan
+from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
+from ._registry import Registry, default_registry
+from .errors import InvalidModelError, KbitprepError
+from .plugin import CheckpointMode, Declarations, quant_method
+
+__all__ = [
+    "SCHEMES",
+    "ConfigError",
+    "MetaPlan",
+    "Scheme",
+    "build_meta_model",
+    "converted_linears",
+    "load_config",
+    "peft_plan",
+    "plan_from_config",
+]
+
+
+class ConfigError(InvalidModelError):
+    """A config file that cannot be read or does not describe a model transformers can build."""
+
+
+Sizer = Callable[[int, int, int], tuple[int, int]]
+
+
+def _bnb4(out: int, inp: int, f: int) -> tuple[int, int]:
+    n = out * inp
+    blocks = math.ceil(n / 64)
+    return math.ceil(n / 2), blocks + 4 * math.ceil(blocks / 256) + 4 + 16 * 4 + 256 * 4
+
+
+def _bnb8(out: int, inp: int, f: int) -> tuple[int, int]:
+    return out * inp, 4 * out
+
+
+def _ao_int8(out: int, inp: int, f: int) -> tuple[int, int]:
+    return out * inp, 4 * out + out
+
+
+def _ao_int4(out: int, inp: int, f: int) -> tuple[int, int]:
+    groups = out * math.ceil(inp / 32)
+    return out * inp, groups * (f + 1)
+
+
+def _quanto_int8(out: int, inp: int, f: int) -> tuple[int, int]:
+    return out * inp, f * out
+
+
+def _quanto_int4(out: int, inp: int, f: int) -> tuple[int, int]:
+    groups = out * math.ceil(inp / 128)
+    return math.ceil(out * inp / 2), groups * 2 * f
+
+
+def _hqq4(out: int, inp: int, f: int) -> tuple[int, int]:
+    n = out * inp
+    return math.ceil(n / 2), math.ceil(n / 64) * 2 * f
+
+
+def _none(out: int, inp: int, f: int) -> tuple[int, int]:
+    return out * inp * f, 0
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A quantization choice the CLI can load a checkpoint with, and size from a config.
+
+    Attributes:
+        name: what ``--quantization`` takes (``"bnb-4bit"``).
+        backend: the kbitprep backend that handles a model loaded this way.
+        summary: the settings, in words.
+        formula: the storage formula, in words (see the module docstring).
+        module_class: the class a converted ``nn.Linear`` becomes.
+        param_name: the name of the quantized parameter in that class.
+        storage_dtype: the dtype the quantized parameter reports (``None``: the model's float
+            dtype, for tensor subclasses that report one).
+        sizer: ``(out, inp, float_bytes) -> (data bytes, scale/state bytes)`` for one weight.
+        requires: modules that must be importable to load a checkpoint this way.
+        install_hint: what to install when they are missing.
+        allow_upcast: whether the backend lets other parameters be cast to fp32.
+        peft_upcast: whether PEFT's ``prepare_model_for_kbit_training`` upcasts the other
+            fp16/bf16 parameters of such a model.
+        peft_checkpointing: whether PEFT's function enables checkpointing for it.
+        peft_note: a remark on what PEFT's function really does with it.
+        frozen_on_load: whether loading this way leaves every parameter frozen already (hqq's
+            ``quantize_model`` does); quantized weights always load frozen.
+    """
+
+    name: str
+    backend: str
+    summary: str
+    formula: str
+    module_class: str
+    param_name: str
+    storage_dtype: torch.dtype | None
+    sizer: Sizer
+    requires: tuple[str, ...]
+    install_hint: str
+    allow_upcast: bool = True
+    peft_upcast: bool = True
+    peft_checkpointing: bool = True
+    peft_note: str = ""
+    frozen_on_load: bool = False
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether this scheme converts any weight (``"none"`` does not)."""
+        return self.name != "none"
+
+    def weight_bytes(self, out: int, inp: int, dtype: torch.dtype) -> tuple[int, int]:
+        """``(data bytes, scale/state bytes)`` of one converted ``out x inp`` weight."""
+        return self.sizer(out, inp, torch.empty((), dtype=dtype).element_size())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description."""
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "summary": self.summary,
+            "formula": self.formula,
+            "module_class": self.module_class,
+        }
+
+
+_QUANTO_NOTE = (
+    "PEFT's function raises on quanto models (ValueError: The dtype of a weights Tensor cannot be "
+    "changed); the figure is what its rules would have cast"
+)
+
+#: Every quantization the CLI knows, by ``--quantization`` name.
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("bnb-4bit", "bnb-4bit", "bitsandbytes NF4, blocksize 64, double quantization, bf16 compute",
+               "n/2 packed + n/64 uint8 absmax + fp32 absmax per 256 blocks + codes", "Linear4bit", "weight",
+               torch.uint8, _bnb4, ("bitsandbytes",), "pip install bitsandbytes"),
+        Scheme("bnb-8bit", "bnb-8bit", "bitsandbytes LLM.int8", "n int8 + fp32 scale per row", "Linear8bitLt",
+               "weight", torch.int8, _bnb8, ("bitsandbytes",), "pip install bitsandbytes"),
+        Scheme("torchao-int8", "torchao", "torchao Int8WeightOnlyConfig (per-row)",
+               "n int8 + fp32 scale and int8 zero point per row", "Linear", "weight", None, _ao_int8,
+               ("torchao",), "pip install torchao", peft_upcast=False),
+        Scheme("torchao-int4", "torchao", "torchao IntxWeightOnlyConfig int4, group size 32",
+               "n int8 (int4 values unpacked) + scale and int8 zero point per 32-group", "Linear", "weight", None,
+               _ao_int4, ("torchao",), "pip install torchao", allow_upcast=False, peft_upcast=False),
+        Scheme("quanto-int8", "quanto", "optimum-quanto int8 weights", "n int8 + scale per row", "QLinear",
+               "weight", None, _quanto_int8, ("optimum.quanto",), "pip install optimum-quanto",
+               allow_upcast=False, peft_checkpointing=False, peft_note=_QUANTO_NOTE),
+        Scheme("quanto-int4", "quanto", "optimum-quanto int4 weights, group size 128",
+               "n/2 packed + scale and shift per 128-group", "QLinear", "weight", None, _quanto_int4,
+               ("optimum.quanto",), "pip install optimum-quanto", allow_upcast=False, peft_checkpointing=False,
+               peft_note=_QUANTO_NOTE),
+        Scheme("hqq-4bit", "hqq", "hqq 4-bit, group size 64, compute in the model's dtype",
+               "n/2 packed + scale and zero per 64-group", "HQQLinear", "W_q", torch.uint8, _hqq4, ("hqq",),
+               "pip install hqq", allow_upcast=False, peft_upcast=False, frozen_on_load=True),
+        Scheme("none", "unquantized", "no quantization (weights in the model's dtype)", "n x dtype size",
+               "Linear", "weight", None, _none, (), "", peft_checkpointing=False,
+               peft_note="PEFT's function upcasts an unquantized model whole and enables no checkpointing"),
+    )
+}
+
+
+# --------------------------------------------------------------------------- PEFT's figure
+
+
+def peft_plan(model: nn.Module, *, registry: Registry | None = None) -> Plan:
+    """The plan of PEFT's ``prepare_model_for_kbit_training(model)`` with its default arguments.
+
+    The same rules :func:`kbitprep.prepare_model_for_kbit_training` applies (PEFT 0.21): bitsandbytes
+    models and models of an unknown backend get every plain fp16/bf16 parameter that is not a
+    ``Params4bit`` cast to fp32; GPTQ, AQLM, EETQ, TorchAO and HQQ models get no cast; checkpointing
+    (reentrant) only for bitsandbytes and those five. Changes nothing.
+    """
+    method = quant_method(model)
+    loaded_in_kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+    listed = method in _PEFT_NO_UPCAST or bool(getattr(model, "hqq_quantized", False))
+    mode: str | bool = CheckpointMode.REENTRANT.value if (loaded_in_kbit or listed) else False
+    return build_plan(
+        model, upcast="none" if listed else "all", checkpointing=mode, peft_compat=True, registry=registry
+    )
+
+
+# --------------------------------------------------------------------------- configs and meta models
+
+
+def load_config(path: str | Path) -> Any:
+    """Read a transformers config from a ``config.json`` file (or a folder holding one).
+
+    Raises:
+        ConfigError: the file is missing, is not JSON, or names no model type transformers knows.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {p}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"malformed config {p}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"malformed config {p}: expected a JSON object, got {type(data).__name__}")
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ConfigError(f"malformed config {p}: no \"model_type\" (e.g. \"llama\")")
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"malformed config {p}: model_type {model_type!r} is not one transformers knows "
+                          "(e.g. llama, mistral, qwen2, gemma)")
+    try:
+        return AutoConfig.for_model(**data)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"malformed config {p}: {' '.join(str(exc).split())}") from exc
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, str(arch), None)
+        if isinstance(cls, type) and hasattr(cls, "_from_config"):
+            return cls
+    try:
+        transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return transformers.AutoModel
+    return transformers.AutoModelForCausalLM
+
+
+def config_dtype(config: Any, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The float dtype to plan with: ``dtype`` if given (not ``"auto"``), else the config's, else bf16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ConfigError(f"dtype {dtype!r} is not a floating-point torch dtype")
+    return found
+
+
+def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The model ``config`` describes, built on the meta device: shapes and dtypes, no storage.
+
+    Raises:
+        ConfigError: transformers cannot build a model from the config.
+    """
+    cls = _model_class(config)
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(
+                config, dtype=dtype
+            )
+    except (ValueError, TypeError, AttributeError, KeyError, AssertionError, RuntimeError) as exc:
+        raise ConfigError(
+            f"cannot build a {getattr(config, 'model_type', '?')} model from this config: {' '.join(str(exc).split())}"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"building from this config gave {type(model).__name__}, not a model")
+    return model
+
+
+def converted_linears(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` modules a transformers quantizer would convert (see the module docstring)."""
+    skip: set[str] = set()
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        skip.update(get_keys_to_not_convert(model))
+    except Exception:  # not a transformers model, or an older transformers: keep the output embeddings
+        getter = getattr(model, "get_output_embeddings", None)
+        out = getter() if callable(getter) else None
+        skip.update(n for n, m in model.named_modules() if out is not None and m is out)
+    skip.update(getattr(model, "_keep_in_fp32_modules", None) or ())
+
+    def skipped(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") or name.endswith("." + s) or f".{s}." in f".{name}."
+                   for s in skip)
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n)]
+
+
+@dataclass(frozen=True)
+class MetaPlan:
+    """A plan made from a config on the meta device, with PEFT's figure and the quantization totals.
+
+    Attributes:
+        plan: kbitprep's plan (same shape as a plan of a loaded model).
+        peft: what PEFT's function would do, planned by its rules on the same layers.
+        scheme: the quantization.
+        parameters: number of parameters the config describes (tied ones once).
+        quantized_parameters: how many of them the quantization converts.
+        quantized_layers: how many linears it converts.
+        weight_bytes: data bytes of the converted weights.
+        overhead_bytes: their scales / quantization state bytes.
+        dtype: the float dtype of everything else.
+    """
+
+    plan: Plan
+    peft: Plan
+    scheme: Scheme
+    parameters: int
+    quantized_parameters: int
+    quantized_layers: int
+    weight_bytes: int
+    overhead_bytes: int
+    dtype: torch.dtype
+
+    def quantization_dict(self) -> dict[str, Any]:
+        """The quantization totals as JSON-ready data."""
+        qp = self.quantized_parameters
+        return {
+            **self.scheme.to_dict(),
+            "quantized_layers": self.quantized_layers,
+            "quantized_parameters": qp,
+            "weight_bytes": self.weight_bytes,
+            "overhead_bytes": self.overhead_bytes,
+            "bytes_per_quantized_parameter": (self.weight_bytes + self.overhead_bytes) / qp if qp else 0.0,
+        }
+
+
+def _scheme_declarations(scheme: Scheme) -> Declarations:
+    """The rules the scheme's backend declares for a loaded model (every built-in: no default upcast,
+    reentrant checkpointing by default, both modes supported)."""
+    note = "" if scheme.allow_upcast else f"the {scheme.backend} backend does not allow upcasting for {scheme.name}"
+    return Declarations(allow_upcast=scheme.allow_upcast, upcast_note=note, default_upcast="none")
+
+
+def _requantize(base: Plan, model: nn.Module, scheme: Scheme, targets: set[str], dtype: torch.dtype
+                ) -> tuple[Plan, int, int, int]:
+    """``base`` with the weights of ``targets`` replaced by the scheme's storage; returns the plan and totals."""
+    mods = dict(model.named_modules())
+    fbytes = torch.empty((), dtype=dtype).element_size()
+    params: list[ParamPlan] = []
+    weight_total = overhead_total = numel_total = 0
+    for pp in base.params:
+        owner, _, local = pp.name.rpartition(".")
+        if owner in targets and local == "weight" and scheme.quantizes:
+            mod = mods[owner]
+            assert isinstance(mod, nn.Linear)
+            data, extra = scheme.sizer(mod.out_features, mod.in_features, fbytes)
+            weight_total += data
+            overhead_total += extra
+            numel_total += mod.out_features * mod.in_features
+            sdtype = scheme.storage_dtype or pp.dtype_before
+            params.append(replace(
+                pp, name=f"{owner}.{scheme.param_name}", aliases=(f"{owner}.{scheme.param_name}",),
+                module_type=scheme.module_class, dtype_before=sdtype, dtype_after=sdtype,
+                bytes_before=data + extra, bytes_after=data + extra, quantized=True,
+                requires_grad_before=False, requires_grad_after=False,  # quantized weights load frozen
+            ))
+        elif scheme.frozen_on_load and not pp.adapter:
+            params.append(replace(pp, requires_grad_before=False))
+        else:
+            params.append(pp)
+    return replace(base, params=tuple(params)), weight_total, overhead_total, numel_total
+
+
+def plan_from_config(
+    config: Any,
+    scheme: Scheme | str = "bnb-4bit",
+    *,
+    upcast: UpcastPolicy = None,
+    checkpointing: bool | str | CheckpointMode | None = True,
+    dtype: str | torch.dtype | None = None,
+    source: str = "",
+    registry: Registry | None = None,
+) -> MetaPlan:
+    """Plan the model ``config`` describes, quantized with ``scheme``, without allocating its weights.
+
+    The model is built on the meta device and planned by the core planner as an unquantized
+    model under the scheme backend's rules (its upcast policy and checkpointing defaults); then
+    each weight the quantization converts is given the bytes of the scheme's formula. PEFT's
+    figure is planned the same way with PEFT's rules for that backend.
+
+    Args:
+        config: a transformers config (see :func:`load_config`).
+        scheme: a :data:`SCHEMES` name or object.
+        upcast: the upcast policy (``None``: the backend's default, ``"none"``).
+        checkpointing: as for :func:`kbitprep.plan`.
+        dtype: the float dtype of the unconverted parameters (default: the config's, else bf16).
+        source: where the config came from, for the evidence line.
+        registry: the backend registry (for the backend's distribution).
+
+    Raises:
+        ConfigError: the config cannot be built.
+        InvalidPolicyError: an upcast or checkpointing choice the backend does not allow.
+        KbitprepError: an unknown scheme name.
+    """
+    if isinstance(scheme, str):
+        if scheme not in SCHEMES:
+            raise KbitprepError(f"unknown quantization {scheme!r}; choices: {', '.join(SCHEMES)}")
+        scheme = SCHEMES[scheme]
+    decl = _scheme_declarations(scheme)
+    label, _ = resolve_upcast(upcast, decl)
+    mode, mode_note = resolve_checkpointing(checkpointing, decl)
+    float_dtype = config_dtype(config, dtype)
+    model = build_meta_model(config, float_dtype)
+    targets = set(converted_linears(model)) if scheme.quantizes else set()
+
+    # The converted weights are planned as float first and replaced by their storage afterwards.
+    base = build_plan(model, backend="unquantized", upcast=upcast if callable(upcast) else label,
+                      checkpointing=mode.value, registry=registry)
+    plan, weight, overhead, qnumel = _requantize(base, model, scheme, targets, float_dtype)
+    reg = registry or default_registry()
+    dist = reg.get(scheme.backend).distribution if scheme.backend in reg else "kbitprep"
+    parameters = sum(p.numel() for p in model.parameters())
+    evidence = (
+        f"planned from {source or 'a config'} on the meta device (no weights allocated): "
+        f"{type(model).__name__}, {parameters:,} parameters",
+        f"quantization {scheme.name}: {scheme.summary}; {len(targets)} linears converted"
+        if scheme.quantizes else "quantization none: every weight stays in its float dtype",
+    )
+    notes = [n for n in plan.notes if "non-float or tensor-subclass" not in n]
+    notes.append("weights are on the meta device: kbitprep.prepare refuses such a model (UnsupportedModelError); "
+                 "load the checkpoint to prepare it")
+    if scheme.quantizes:
+        notes.append(f"quantized bytes = data + scales/state by formula: {scheme.formula}")
+    plan = replace(
+        plan,
+        backend=scheme.backend,
+        backends=(scheme.backend,),
+        distributions=(dist,),
+        evidence=evidence,
+        forced=False,
+        upcast_policy=label,
+        checkpointing_note=mode_note,
+        notes=tuple(notes),
+        fingerprint=(),
+        declarations=(decl,),
+    )
+    peft_mode = CheckpointMode.REENTRANT.value if scheme.peft_checkpointing else False
+    peft_base = build_plan(model, backend="unquantized", upcast="all" if scheme.peft_upcast else "none",
+                           checkpointing=peft_mode, peft_compat=True, registry=registry)
+    peft, _, _, _ = _requantize(peft_base, model, scheme, targets, float_dtype)  # quantized storage is never cast
+    return MetaPlan(
+        plan=plan,
+        peft=replace(peft, backend=scheme.backend, upcast_policy="peft" if scheme.peft_upcast else "none",
+                     fingerprint=()),
+        scheme=scheme,
+        parameters=parameters,
+        quantized_parameters=qnumel,
+        quantized_layers=len(targets),
+        weight_bytes=weight,
+        overhead_bytes=overhead,
+        dtype=float_dtype,
+    )
+
+
+def scheme_names() -> list[str]:
+    """Every ``--quantization`` choice."""
+    return list(SCHEMES)
+
+
+def describe_schemes() -> Mapping[str, str]:
+    """``name -> summary`` of every scheme."""
+    return {k: v.summary for k, v in SCHEMES.items()}

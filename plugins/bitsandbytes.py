@@ -1,0 +1,137 @@
+"""Backends for bitsandbytes 4-bit (``Linear4bit``/``Params4bit``) and 8-bit (``Linear8bitLt``/``Int8Params``)."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import torch
+from torch import nn
+
+from kbitprep.plugin import Backend, Declarations, Detection, FixUp, class_path, hf_quantizer, quantized_tensor_names
+
+_UPCAST_NOTE = (
+    "frozen embeddings and lm_head keep their loaded dtype; PEFT's choice (fp32 copies of every "
+    "fp16/bf16 parameter) is upcast='all'"
+)
+
+
+def _holders(model: nn.Module, param_class: str) -> list[str]:
+    """Modules holding a parameter of ``param_class`` (a class name) directly."""
+    return [
+        name
+        for name, mod in model.named_modules()
+        if any(type(p).__name__ == param_class for p in mod.parameters(recurse=False))
+    ]
+
+
+def _detect(model: nn.Module, param_class: str, quantizer_class: str, flag: str) -> Detection | None:
+    modules = _holders(model, param_class)
+    mods = dict(model.named_modules())
+    evidence = [
+        f"{n} x {c} with {param_class} weights" for c, n in Counter(class_path(mods[m]) for m in modules).items()
+    ]
+    q = hf_quantizer(model)
+    if q is not None and type(q).__name__ == quantizer_class:
+        evidence.append(f"hf_quantizer: {quantizer_class}")
+    if getattr(model, flag, False):
+        evidence.append(f"{flag}=True")
+    if not modules and not (q is not None and type(q).__name__ == quantizer_class):
+        return None  # a flag alone proves nothing (it may be stale)
+    return Detection(evidence=tuple(evidence), modules=tuple(modules))
+
+
+def _packed(mod: nn.Module) -> list[nn.Parameter]:
+    """The ``Params4bit`` of ``mod`` whose layout bnb repacked for its CPU inference kernel."""
+    return [
+        p
+        for p in mod.parameters(recurse=False)
+        if getattr(getattr(p, "quant_state", None), "packing_format_for_cpu", False)
+    ]
+
+
+def _unpack_cpu_weights(modules: tuple[str, ...]) -> FixUp:
+    def apply(model: nn.Module) -> None:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        mods = dict(model.named_modules())
+        for mod in (mods[name] for name in modules):
+            for weight in _packed(mod):
+                state = weight.quant_state  # type: ignore[attr-defined]
+                # bnb's inverse edits the state it is given: hand it a copy, so undo can restore the original
+                data, new_state = _convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
+                weight.data, weight.quant_state = data, new_state  # type: ignore[attr-defined]
+                if getattr(mod, "quant_state", None) is state:
+                    mod.quant_state = new_state
+            if getattr(mod, "support_avx512bf16_for_cpu", False):
+                mod.support_avx512bf16_for_cpu = False  # no repack in later eval forwards either
+
+    return FixUp(
+        name="bnb-cpu-unpack",
+        description=(
+            "on CPUs with AVX512-BF16, an eval-mode no-grad forward repacks Linear4bit weights for a kernel "
+            "without autograd and LoRA grads then stay None: restore the trainable layout and stop the repacking"
+        ),
+        apply=apply,
+    )
+
+
+class Bnb4bitBackend(Backend):
+    """bitsandbytes 4-bit (NF4/FP4): ``Params4bit`` uint8 weights, never cast; embeddings and lm_head kept as loaded.
+
+    Declares the ``bnb-cpu-unpack`` fix-up when a weight is (or could be) repacked for bnb's CPU
+    inference kernel, which has no autograd.
+    """
+
+    name = "bnb-4bit"
+    priority = 100
+    requires = ("bitsandbytes",)
+    install_hint = "pip install bitsandbytes"
+    description = "bitsandbytes 4-bit (Linear4bit / Params4bit)"
+
+    def detect(self, model: nn.Module) -> Detection | None:
+        """Modules holding ``Params4bit`` weights, or a ``Bnb4BitHfQuantizer``."""
+        return _detect(model, "Params4bit", "Bnb4BitHfQuantizer", "is_loaded_in_4bit")
+
+    def declare(self, model: nn.Module, detection: Detection) -> Declarations:
+        """Quantized ``Params4bit`` storage, no default upcast, both checkpointing modes, CPU unpack fix-up."""
+        claimed = set(detection.modules)
+        mods = [m for n, m in model.named_modules() if n in claimed]
+        packed = sum(len(_packed(m)) for m in mods)
+        repacks = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in mods)
+        notes = (f"{packed} Linear4bit weights are packed for CPU inference; prepare unpacks them",) if packed else ()
+        return Declarations(
+            quantized=quantized_tensor_names(model, detection.modules),
+            upcast_note=_UPCAST_NOTE,
+            fixups=(_unpack_cpu_weights(detection.modules),) if packed or repacks else (),
+            notes=notes,
+        )
+
+
+class Bnb8bitBackend(Backend):
+    """bitsandbytes LLM.int8 (``Int8Params`` int8 weights, never cast); embeddings and lm_head kept as loaded."""
+
+    name = "bnb-8bit"
+    priority = 100
+    requires = ("bitsandbytes",)
+    install_hint = "pip install bitsandbytes"
+    description = "bitsandbytes 8-bit (Linear8bitLt / Int8Params)"
+
+    def detect(self, model: nn.Module) -> Detection | None:
+        """Modules holding ``Int8Params`` weights, or a ``Bnb8BitHfQuantizer``."""
+        return _detect(model, "Int8Params", "Bnb8BitHfQuantizer", "is_loaded_in_8bit")
+
+    def declare(self, model: nn.Module, detection: Detection) -> Declarations:
+        """Quantized ``Int8Params`` storage, no default upcast, both checkpointing modes."""
+        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+        notes = (
+            (
+                "Linear8bitLt casts bf16 inputs to fp16 (bitsandbytes warns; only CPU training skips the cast); "
+                "load 8-bit models with dtype=torch.float16",
+            )
+            if bf16
+            else ()
+        )
+        return Declarations(
+            quantized=quantized_tensor_names(model, detection.modules), upcast_note=_UPCAST_NOTE, notes=notes
+        )

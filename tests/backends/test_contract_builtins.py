@@ -1,0 +1,79 @@
+"""kbitprep's shipped contract suite (:mod:`kbitprep.testing`) applied to every built-in backend.
+
+One test class per row of the backend matrix (``tests/backends/cases/*.py``): the same checks a
+third-party plugin author runs, proven here on the real built-in backends and real quantized tiny
+models. Rows whose packages are missing skip with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+
+import pytest
+from torch import nn
+
+import kbitprep
+from kbitprep.plugin import Backend, missing_packages
+from kbitprep.testing import BackendContract
+
+from .case import BackendCase
+from .registry_of_cases import all_cases
+
+#: Built-in backends that claim a model as a whole rather than specific modules.
+GENERIC = {"unquantized", "hf-quantizer"}
+#: Built-in backends whose models hold no quantized storage.
+UNQUANTIZED = {"unquantized"}
+
+
+class _BuiltinContract(BackendContract):
+    """The contract suite bound to one matrix row; the backend is the registered built-in."""
+
+    case: BackendCase
+
+    @pytest.fixture(autouse=True)
+    def _row_context(self) -> Iterator[None]:
+        if self.case.stand_in:  # the output must say so
+            warnings.warn(f"row {self.case.id!r} uses a stand-in: {self.case.stand_in}", UserWarning, stacklevel=1)
+        with self.case.entered():  # e.g. the EETQ row's stand-in, only for the duration of the test
+            yield
+
+    def _skip_if_missing(self) -> None:
+        missing = missing_packages(self.case.requires)
+        if missing:
+            pytest.skip(f"not installed: {', '.join(missing)}")
+
+    def get_backend(self) -> Backend:
+        self._skip_if_missing()
+        info = kbitprep.default_registry().get(self.case.backend)
+        assert info.builtin, f"{self.case.backend!r} comes from {info.distribution}, not kbitprep"
+        return info.backend
+
+    def make_model(self) -> nn.Module:
+        self._skip_if_missing()
+        return self.case.build()
+
+    def make_other_model(self) -> nn.Module | None:
+        if self.case.backend in UNQUANTIZED:
+            return None  # it claims plain models by design
+        return super().make_other_model()
+
+
+def _class_name(case: BackendCase) -> str:
+    return "TestContract_" + re.sub(r"\W", "_", case.id)
+
+
+for _case in all_cases():
+    _cls = type(
+        _class_name(_case),
+        (_BuiltinContract,),
+        {
+            "case": _case,
+            "claims_modules": _case.backend not in GENERIC,
+            "holds_quantized_storage": _case.backend not in UNQUANTIZED,
+            "__doc__": f"The shipped contract suite on the matrix row {_case.id!r} (backend {_case.backend!r}).",
+        },
+    )
+    globals()[_cls.__name__] = _cls
+del _case, _cls

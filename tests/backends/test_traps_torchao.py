@@ -1,0 +1,99 @@
+"""TorchAO traps: subclass weights that report a float dtype, a wrong ``is_trainable``, untrainable CPU int4."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import kbitprep
+from kbitprep.plugin import is_plain_tensor
+
+from ..state import model_state
+from ..tiny import batch
+from .test_traps_bnb import lora_steps
+
+pytest.importorskip("torchao")
+
+from .cases.torchao import load_torchao
+
+
+def _subclass_weights(model: torch.nn.Module) -> dict[str, str]:
+    return {n: type(p.data).__name__ for n, p in model.named_parameters() if not is_plain_tensor(p)}
+
+
+@pytest.mark.parametrize("kind", ["int8", "intx-int4"])
+def test_subclass_weights_report_bf16_but_are_protected(kind: str) -> None:
+    """The weights say bfloat16; kbitprep sees quantized storage (by class) and counts their real bytes."""
+    model = load_torchao(kind)
+    weights = _subclass_weights(model)
+    assert weights and all(dict(model.named_parameters())[n].dtype == torch.bfloat16 for n in weights)
+    the_plan = kbitprep.plan(model)
+    planned = {p.name: p for p in the_plan.quantized}
+    assert set(planned) == set(weights)
+    for name, pp in planned.items():
+        elements = 1
+        for d in pp.shape:
+            elements *= d
+        assert pp.bytes_before < 2 * elements, f"{name} counted as bf16 ({pp.bytes_before} bytes)"
+
+
+def test_int8_allows_upcast_and_still_trains() -> None:
+    """Int8Tensor accepts fp32 activations: upcast='all' casts only plain params, and LoRA trains."""
+    model = load_torchao("int8")
+    weights = _subclass_weights(model)
+    the_plan = kbitprep.plan(model, upcast="all")
+    assert the_plan.to_upcast and not {p.name for p in the_plan.to_upcast} & set(weights)
+    kbitprep.prepare(model, upcast="all")
+    assert _subclass_weights(model) == weights
+    names, missing = lora_steps(model)
+    assert names and not missing, missing[:4]
+
+
+def test_intx_refuses_upcast_because_it_breaks_the_forward() -> None:
+    """IntxUnpackedToInt8Tensor: upcast is refused; proof that it would break: a hand upcast fails the forward."""
+    model = load_torchao("intx-int4")
+    with pytest.raises(kbitprep.InvalidPolicyError, match="IntxUnpackedToInt8Tensor"):
+        kbitprep.plan(model, upcast="all")
+    for p in model.parameters():
+        if is_plain_tensor(p) and p.dtype == torch.bfloat16:
+            p.data = p.data.float()
+    with pytest.raises(RuntimeError, match="same dtype"), torch.no_grad():
+        model(**batch())
+
+
+def test_intx_trains_although_the_quantizer_says_it_cannot() -> None:
+    """``hf_quantizer.is_trainable`` is False for intx; kbitprep does not trust it, and LoRA does train."""
+    model = load_torchao("intx-int4")
+    assert model.hf_quantizer.is_trainable is False
+    the_plan = kbitprep.plan(model)
+    assert the_plan.trainable
+    assert any("is_trainable is False" in n and "ignored" in n for n in the_plan.notes)
+    kbitprep.prepare(model)
+    names, missing = lora_steps(model)
+    assert names and not missing, missing[:4]
+
+
+def test_cpu_int4_opaque_is_refused_before_training() -> None:
+    """CPU int4 (Int4OpaqueTensor, tinygemm) has no backward: prepare refuses it and changes nothing."""
+    model = load_torchao("int4-opaque")
+    assert set(_subclass_weights(model).values()) == {"Int4OpaqueTensor"}
+    before = model_state(model)
+    with pytest.raises(kbitprep.NotTrainableError, match="Int4OpaqueTensor.*no backward"):
+        kbitprep.prepare(model)
+    assert model_state(model) == before
+
+    # the declaration is true: LoRA's backward through these weights fails
+    from peft import LoraConfig, get_peft_model
+
+    other = load_torchao("int4-opaque")
+    for p in other.parameters():
+        p.requires_grad_(False)
+    peft_model = get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = peft_model(**batch()).loss
+    with pytest.raises(RuntimeError, match="derivative for aten::_weight_int4pack_mm_for_cpu is not implemented"):
+        loss.backward()
