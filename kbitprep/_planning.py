@@ -360,8 +360,10 @@ def build_plan(
         adapter = id(p) in adapters
         plain = is_plain_tensor(p)
         any_float = any_float or (plain and p.dtype.is_floating_point)
-        if peft_compat:
-            eligible = plain and not adapter and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit"
+        if peft_compat:  # PEFT's rule, except where the backend says a cast breaks the model
+            eligible = (
+                plain and not adapter and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit"
+            ) and decl.allow_upcast
         else:
             eligible = plain and not quantized and not adapter and p.dtype in HALF_DTYPES and decl.allow_upcast
         dtype_after = torch.float32 if eligible and wants(name, p, owner) else p.dtype

@@ -23,7 +23,10 @@ UpcastPolicy = str | Callable[[str, torch.Tensor, nn.Module], bool] | None
 #: The named upcast policies.
 UPCAST_POLICIES: dict[str, str] = {
     "none": "keep every frozen parameter in its loaded dtype (kbitprep's default where the backend allows)",
-    "norms": "cast the fp16/bf16 parameters of normalisation layers to fp32 (the original QLoRA recipe)",
+    "norms": (
+        "cast the fp16/bf16 parameters of normalisation layers to fp32 (the original QLoRA recipe; "
+        "train under bf16/fp16 autocast, since an fp32 norm output meets half-precision layers)"
+    ),
     "all": "cast every fp16/bf16 non-quantized parameter to fp32 (PEFT's prepare_model_for_kbit_training)",
 }
 

@@ -281,8 +281,9 @@ class Registry:
                 return
             self._warned.add(key)
             self._failures.append(failure)
+        outcome = "it cannot prepare such models" if stage == "declare" else "it is ignored"
         warnings.warn(
-            f"kbitprep: plugin {failure}; it is ignored (set KBITPREP_STRICT=1 to make this an error)",
+            f"kbitprep: plugin {failure}; {outcome} (set KBITPREP_STRICT=1 to make this an error)",
             PluginWarning,
             stacklevel=4,
         )

@@ -173,8 +173,10 @@ def training_arguments_for(model: nn.Module, args: A) -> A:
     raw_kwargs = _read(args, "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
     kwargs: dict[str, Any] = dict(raw_kwargs) if isinstance(raw_kwargs, Mapping) else {}
     new = copy.copy(args)
-    supported = frozenset.intersection(*(d.checkpointing for d in plan.declarations)) if plan.declarations else (
-        frozenset(CheckpointMode) - {CheckpointMode.OFF}
+    supported = (
+        frozenset.intersection(*(d.checkpointing for d in plan.declarations))
+        if plan.declarations
+        else (frozenset(CheckpointMode) - {CheckpointMode.OFF})
     )
 
     if plan.checkpointing is not CheckpointMode.OFF:

@@ -102,6 +102,8 @@ class FixUp:
 
     The core snapshots the model before running ``apply`` and reverts every attribute, hook,
     parameter and buffer it changed if anything fails afterwards, and on :func:`kbitprep.undo`.
+    The snapshot sees modules, parameters, buffers and config objects: to change any other object
+    (a library's quantization state, say), assign a new object instead of editing it in place.
 
     Attributes:
         name: short identifier shown in plans, e.g. ``"bnb-cpu-unpack"``.

@@ -101,7 +101,10 @@ class Bnb4bitBackend(Backend):
         repacks = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in mods)
         notes = (f"{packed} Linear4bit weights are packed for CPU inference; prepare unpacks them",) if packed else ()
         return Declarations(
-            quantized=quantized_tensor_names(model, detection.modules),
+            # Params4bit is packed storage whatever dtype it reports (bnb_4bit_quant_storage=bf16 packs into bf16)
+            quantized=quantized_tensor_names(
+                model, detection.modules, include=lambda n, t: type(t).__name__ == "Params4bit"
+            ),
             upcast_note=_UPCAST_NOTE,
             fixups=(_unpack_cpu_weights(detection.modules),) if packed or repacks else (),
             notes=notes,

@@ -94,7 +94,10 @@ class CompressedTensorsBackend(Backend):
         layers = _layers(model)
         if not layers:
             return None
-        evidence = [f"{len(layers)} modules with a compressed_tensors QuantizationScheme"]
+        mods = dict(model.named_modules())
+        fmts = {getattr(mods[n].quantization_scheme, "format", None) for n in layers}
+        formats = sorted(str(getattr(f, "value", f) or "?") for f in fmts)
+        evidence = [f"{len(layers)} modules with a compressed_tensors QuantizationScheme (format {', '.join(formats)})"]
         quantizer = hf_quantizer(model)
         if quantizer is not None:
             evidence.append(f"hf_quantizer: {class_path(quantizer)}")

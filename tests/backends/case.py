@@ -19,7 +19,7 @@ class BackendCase:
         build: returns a *fresh* real quantized model each call (cache saved checkpoints, not models).
         requires: importable modules the row needs; missing ones skip the row with the reason.
         lora_targets: module names LoRA attaches to (PEFT ``target_modules``).
-        peft_fails: a substring of the error PEFT's own function raises on this model, or ``""``
+        peft_fails: a regular expression matching the error PEFT's own function raises on this model, or ``""``
             when PEFT's function succeeds (then parity is checked).
         stand_in: non-empty when part of the row is a stand-in (a kernel that cannot run here); the
             matrix prints it.

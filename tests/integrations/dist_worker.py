@@ -101,8 +101,9 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def build(storage: torch.dtype, prepare: Callable[[nn.Module], nn.Module], adapters_fp32: bool,
-          model_dir: str) -> tuple[nn.Module, nn.Module]:
+def build(
+    storage: torch.dtype, prepare: Callable[[nn.Module], nn.Module], adapters_fp32: bool, model_dir: str
+) -> tuple[nn.Module, nn.Module]:
     """(prepared base, PEFT model); adapters initialised from the same seed on every rank."""
     from peft import get_peft_model
 
@@ -164,7 +165,9 @@ def wrap(scenario: str, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         return FullyShardedDataParallel(
-            model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), use_orig_params=True,
+            model,
+            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+            use_orig_params=True,
             device_id=DEVICE,
         )
     from torch.distributed.fsdp import fully_shard
@@ -237,9 +240,19 @@ def run_trainer_scenario(args: argparse.Namespace, result: dict[str, Any]) -> No
     start = lora_tensors(model)
     ids = learnable_ids()
     requested = TrainingArguments(
-        output_dir=str(Path(args.out) / f"trainer-{dist.get_rank()}"), per_device_train_batch_size=2,
-        max_steps=args.steps, learning_rate=LR, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=DEVICE.type == "cpu", bf16=False, disable_tqdm=True, seed=0, gradient_checkpointing=True,
+        output_dir=str(Path(args.out) / f"trainer-{dist.get_rank()}"),
+        per_device_train_batch_size=2,
+        max_steps=args.steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=DEVICE.type == "cpu",
+        bf16=False,
+        disable_tqdm=True,
+        seed=0,
+        gradient_checkpointing=True,
         dataloader_num_workers=0,
     )
     targs = training_arguments_for(model, requested)

@@ -42,12 +42,33 @@ def _launch(tmp: Path, scenarios: tuple[str, ...], device: str = "cpu") -> Resul
     out.mkdir()
     tiny_llama(torch.bfloat16).save_pretrained(model_dir)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-        "--model-dir", str(model_dir), "--out", str(out), "--scenarios", ",".join(scenarios),
-        "--steps", str(STEPS), "--device", device,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        "--model-dir",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--scenarios",
+        ",".join(scenarios),
+        "--steps",
+        str(STEPS),
+        "--device",
+        device,
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         log, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -165,10 +165,15 @@ def test_bnb_matching_storage_passes_and_upcast_is_refused() -> None:
 def test_bnb_compute_dtype_mismatch_warns(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                            bnb_4bit_quant_storage=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(saved_tiny_llama(torch.bfloat16), quantization_config=qc,
-                                                 dtype=torch.bfloat16)
+    qc = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        saved_tiny_llama(torch.bfloat16), quantization_config=qc, dtype=torch.bfloat16
+    )
     with pytest.warns(FsdpWarning, match="bnb_4bit_compute_dtype=float32 differs"):
         p = kbitprep.plan(model, fsdp=1)
     assert p.extras["fsdp"]["bnb_4bit_compute_dtype"] == "float32"
@@ -182,8 +187,9 @@ def test_training_arguments_with_fsdp_warn_about_a_model_prepared_without_it(tmp
 
     upcast = kbitprep.prepare(tiny_llama(), upcast="norms")
     ok = kbitprep.prepare(tiny_llama(), fsdp=True)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, fsdp=True,
-                             fsdp_config={"version": 1})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, fsdp=True, fsdp_config={"version": 1}
+    )
     # TrainingArguments(fsdp=...) exports FSDP_* variables: a prepare() after it detects FSDP by itself
     assert detect_fsdp().enabled
     with pytest.warns(CheckpointingConflictWarning, match=r"without kbitprep's FSDP policy \(\d+ parameters"):
@@ -197,7 +203,12 @@ def test_fsdp_own_activation_checkpointing_in_arguments_warns(tmp_path: Path) ->
     from transformers import TrainingArguments
 
     model = kbitprep.prepare(tiny_llama(), fsdp=True)  # kbitprep checkpoints (non-reentrant)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, fsdp=True,
-                             fsdp_config={"version": 2, "activation_checkpointing": True})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        fsdp=True,
+        fsdp_config={"version": 2, "activation_checkpointing": True},
+    )
     with pytest.warns(CheckpointingConflictWarning, match="checkpointed twice"):
         training_arguments_for(model, args)

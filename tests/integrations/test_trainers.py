@@ -58,8 +58,13 @@ def _training_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     return kw
 
 
-def _check_trained(model: torch.nn.Module, before_loss: float, before: dict[str, torch.Tensor],
-                   ids: list[list[int]], logged: list[float]) -> None:
+def _check_trained(
+    model: torch.nn.Module,
+    before_loss: float,
+    before: dict[str, torch.Tensor],
+    ids: list[list[int]],
+    logged: list[float],
+) -> None:
     after_loss = full_loss(model, ids)
     assert len(logged) == STEPS
     assert after_loss < before_loss - 0.2, (before_loss, after_loss, logged)
@@ -161,8 +166,11 @@ def test_training_arguments_for_aligns_a_copy(tmp_path: Path) -> None:
     from transformers import TrainingArguments
 
     model = _prepared_tiny(checkpointing="non_reentrant")
-    args = TrainingArguments(**_training_kwargs(tmp_path, gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False}))
+    args = TrainingArguments(
+        **_training_kwargs(
+            tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointingConflictWarning)
         new = training_arguments_for(model, args)
@@ -186,8 +194,11 @@ def test_training_arguments_for_warns_on_conflicting_reentrant(tmp_path: Path) -
     from transformers import TrainingArguments
 
     model = _prepared_tiny(checkpointing="reentrant")
-    args = TrainingArguments(**_training_kwargs(tmp_path, gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False}))
+    args = TrainingArguments(
+        **_training_kwargs(
+            tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    )
     with pytest.warns(CheckpointingConflictWarning, match="use_reentrant=False.*kbitprep prepared reentrant"):
         new = training_arguments_for(model, args)
     assert new.gradient_checkpointing is False
@@ -198,8 +209,9 @@ def test_training_arguments_for_warns_on_ignored_kwargs(tmp_path: Path) -> None:
     from transformers import TrainingArguments
 
     model = _prepared_tiny()
-    args = TrainingArguments(**_training_kwargs(tmp_path, gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"offload": True}))
+    args = TrainingArguments(
+        **_training_kwargs(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"offload": True})
+    )
     with pytest.warns(CheckpointingConflictWarning, match="offload are ignored"):
         training_arguments_for(model, args)
 
