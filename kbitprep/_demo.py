@@ -158,7 +158,8 @@ def _quantization_config(scheme: Scheme, dtype: torch.dtype) -> Any:
         from torchao.quantization.granularity import PerGroup
         from transformers import TorchAoConfig
 
-        return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+        int4 = getattr(torch, "int4")  # noqa: B009 - absent from older torch stubs
+        return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(32)))
     if scheme.name in ("quanto-int8", "quanto-int4"):
         from transformers import QuantoConfig
 
@@ -215,9 +216,10 @@ def build_demo_model(backend: DemoBackend, seed: int, workdir: Path) -> tuple[nn
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    fresh = LlamaForCausalLM(demo_config()).to(backend.dtype)
+    fresh: nn.Module = LlamaForCausalLM(demo_config())
+    fresh = fresh.to(backend.dtype)
     count = sum(p.numel() for p in fresh.parameters())
-    fresh.save_pretrained(workdir)
+    fresh.save_pretrained(workdir)  # type: ignore[operator]
     del fresh
     return load_checkpoint(workdir, backend.scheme, backend.dtype), count
 
@@ -430,9 +432,8 @@ def run_demo(
     started = time.perf_counter()
     choice = resolve_backend(backend, registry)
     seconds: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="kbitprep-demo-") as tmp:
-        with quiet_stdout(quiet):
-            model, parameters = build_demo_model(choice, seed, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="kbitprep-demo-") as tmp, quiet_stdout(quiet):
+        model, parameters = build_demo_model(choice, seed, Path(tmp))
     seconds["build"] = time.perf_counter() - started
     t = time.perf_counter()
     the_plan = kbit_plan(model, upcast=upcast, registry=registry)

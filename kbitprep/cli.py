@@ -290,10 +290,11 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     status = style.green("passed") if flow.ok else style.red("FAILED")
     zero = (f"; {len(flow.zero_grad)} are exactly zero at step 0 (lora_A: lora_B starts at zero)"
             if flow.zero_grad else "")
-    lines.append(f"gradient flow  : {status} - {flow.with_grad} of {flow.checked} LoRA parameters got a gradient{zero}")
+    lines.append(f"gradient flow  : {status} - {flow.with_grad} of {flow.checked} LoRA parameters got a gradient"
+                 + zero)
     lines.append("")
     mem = summary["memory"]
-    rows = [
+    rows: list[list[object]] = [
         ["loaded", format_bytes(plan.bytes_before), format_bytes(peft.bytes_before)],
         ["after prepare", format_bytes(plan.bytes_after), format_bytes(peft.bytes_after)],
         ["parameters upcast to fp32", len(plan.to_upcast), len(peft.to_upcast)],
@@ -302,12 +303,13 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     lines.append(table(["parameter memory (base model)", "kbitprep.prepare", "PEFT's function"], rows, right=(1, 2)))
     saved = mem["saved_bytes"]
     if saved > 0:
-        lines.append(f"kbitprep keeps {style.bold(format_bytes(saved))} less than PEFT's prepare_model_for_kbit_training "
-                     f"({_percent(saved, peft.bytes_after)} of its parameter memory)")
+        lines.append(f"kbitprep keeps {style.bold(format_bytes(saved))} less than PEFT's "
+                     f"prepare_model_for_kbit_training ({_percent(saved, peft.bytes_after)} of its parameter memory)")
     elif saved == 0:
         lines.append("the same parameter memory as PEFT's prepare_model_for_kbit_training")
     else:
-        lines.append(f"{format_bytes(-saved)} more than PEFT's prepare_model_for_kbit_training (policy {plan.upcast_policy})")
+        lines.append(f"{format_bytes(-saved)} more than PEFT's prepare_model_for_kbit_training "
+                     f"(policy {plan.upcast_policy})")
     if result.scheme.peft_note:
         lines.append(f"note: {result.scheme.peft_note}")
     lines.append(f"LoRA adapters  : {result.lora_params:,} parameters, {format_bytes(result.lora_bytes)} "
@@ -342,7 +344,7 @@ def _cmd_backends(args: argparse.Namespace, out: TextIO) -> int:
         reg = default_registry()
         infos = [reg.get(n) for n in reg.names()]
         failures = reg.failures()
-    entries = []
+    entries: list[dict[str, Any]] = []
     for info in infos:
         missing = info.missing()
         b = info.backend
@@ -431,7 +433,8 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 
     style = _Style(out)
     if args.path is None and args.config is None:
-        raise UserError("give a checkpoint folder (kbitprep plan PATH) or a config (kbitprep plan --config config.json)")
+        raise UserError("give a checkpoint folder (kbitprep plan PATH) or a config "
+                        "(kbitprep plan --config config.json)")
     if args.path is not None and args.config is not None:
         raise UserError("give either a checkpoint folder or --config, not both")
     scheme_name = args.quantization or "none"
@@ -444,8 +447,9 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         if args.quantization is None and cfg_q:
             raise UserError(f"{args.config} carries a quantization_config; choose the matching --quantization "
                             f"({', '.join(SCHEMES)})")
-        meta = plan_from_config(config, scheme_name, upcast=args.upcast, checkpointing=_checkpointing(args.checkpointing),
-                                dtype=_dtype(args.dtype), source=str(args.config))
+        meta = plan_from_config(config, scheme_name, upcast=args.upcast,
+                                checkpointing=_checkpointing(args.checkpointing), dtype=_dtype(args.dtype),
+                                source=str(args.config))
         plan, peft, parameters = meta.plan, meta.peft, meta.parameters
         quantization = meta.quantization_dict()
         source = {"mode": "config", "path": str(args.config), "quantization": scheme_name,
@@ -501,7 +505,7 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         )
     lines.append("")
     lines.append(style.bold("versus PEFT's prepare_model_for_kbit_training"))
-    rows = [
+    rows: list[list[object]] = [
         ["upcast policy", plan.upcast_policy, peft.upcast_policy],
         ["parameters upcast to fp32", len(plan.to_upcast), len(peft.to_upcast)],
         ["checkpointing", plan.checkpointing.value, peft.checkpointing.value],
@@ -531,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._metaplan import SCHEMES
     from ._policies import UPCAST_POLICIES
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout (keys: see docs/cli.md)")
     common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     parser = _Parser(prog="kbitprep", description="Prepare quantized transformers models for LoRA/QLoRA training.",

@@ -103,7 +103,9 @@ class FixUp:
     The core snapshots the model before running ``apply`` and reverts every attribute, hook,
     parameter and buffer it changed if anything fails afterwards, and on :func:`kbitprep.undo`.
     The snapshot sees modules, parameters, buffers and config objects: to change any other object
-    (a library's quantization state, say), assign a new object instead of editing it in place.
+    (a library's quantization state, say), assign a new object instead of editing it in place;
+    likewise replace tensors (``param.data = new``) rather than writing into them (``mul_``), since
+    the snapshot keeps references, not copies.
 
     Attributes:
         name: short identifier shown in plans, e.g. ``"bnb-cpu-unpack"``.
