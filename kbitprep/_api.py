@@ -242,8 +242,8 @@ def prepare_model_for_kbit_training(
     function leaves one. Differences, all deliberate: it never stacks a second input-grads hook
     (PEFT with transformers 5 leaves two identical ones), it always passes ``use_reentrant``
     explicitly (the value PEFT's empty kwargs mean: ``True``), it never casts quantized tensor
-    subclasses (where PEFT crashes, e.g. optimum-quanto) nor any parameter of a model whose backend
-    forbids upcasting (quanto, HQQ layers: a cast breaks their forward), it does not re-freeze the adapters of a
+    subclasses (where PEFT crashes, e.g. optimum-quanto; on such models it follows the backend's
+    ``allow_upcast``, so the forward keeps working), it does not re-freeze the adapters of a
     PEFT-wrapped model, calling it twice is a no-op, and :func:`undo` reverts it. A model whose
     backend declares it untrainable (e.g. AQLM 8-bit codebooks on CPU) raises
     :class:`~kbitprep.errors.NotTrainableError` up front, where PEFT's function returns a model that

@@ -61,7 +61,6 @@ import json
 import logging
 import os
 import sys
-import time
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
@@ -76,7 +75,7 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
-_STARTED = time.perf_counter()
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
 _NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "gptqmodel", "GPTQModel", "numba", "hqq", "optimum", "datasets")
 
 
@@ -143,30 +142,35 @@ def _process_seconds() -> float | None:
 
 @contextlib.contextmanager
 def _stdout_to_stderr() -> Iterator[TextIO]:
-    """Send everything written to stdout (also by C code) to stderr; yield the real stdout."""
+    """Send everything written to stdout (also by C code, when stdout is file descriptor 1) to
+    stderr; yield a stream to the real stdout for the one JSON document."""
     sys.stdout.flush()
     try:
-        saved = os.dup(1)
-    except OSError:  # no real file descriptors (embedded): redirect at the Python level only
+        fd: int | None = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd != 1:  # stdout replaced in process (tests, notebooks): redirect at the Python level only
         real = sys.stdout
         with contextlib.redirect_stdout(sys.stderr):
             yield real
         return
+    saved = os.dup(1)
     real_stream = open(saved, "w", encoding="utf-8", closefd=True)  # noqa: SIM115 - closed below
     try:
         os.dup2(2, 1)
         with contextlib.redirect_stdout(sys.stderr):
             yield real_stream
     finally:
-        sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved, 1)
         real_stream.flush()
         real_stream.close()
 
 
-def _quiet_libraries(debug: bool) -> None:
-    """Outside ``--debug``: no third-party warnings, logs or loading bars; kbitprep's warnings as one line."""
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """Outside ``--debug``: no third-party warnings, logs or loading bars; kbitprep's warnings as one
+    line each. Everything is restored afterwards, so ``main()`` can be called in process."""
     from .errors import KbitprepWarning
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -174,22 +178,39 @@ def _quiet_libraries(debug: bool) -> None:
         print(f"kbitprep: warning: {_one_line(message)}", file=sys.stderr)
 
     if debug:
+        yield
         return
-    warnings.simplefilter("ignore")
-    warnings.simplefilter("default", KbitprepWarning)
-    warnings.showwarning = show
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
-    try:
+    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    env = {k: os.environ.get(k) for k in _QUIET_ENV}
+    hf_logging: Any = None
+    with contextlib.suppress(ImportError):  # transformers is a dependency; be safe anyway
         from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) if hf_logging else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("default", KbitprepWarning)
+        warnings.showwarning = show
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        for k, v in _QUIET_ENV.items():
+            os.environ.setdefault(k, v)
+        if hf_logging is not None:
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+            for k, old in env.items():
+                if old is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = old
+            if hf_logging is not None and hf_state is not None:
+                hf_logging.set_verbosity(hf_state[0])
+                if hf_state[1]:
+                    hf_logging.enable_progress_bar()
 
 
 def _emit_json(data: dict[str, Any], out: TextIO) -> None:
@@ -273,15 +294,18 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     lines.append(f"backend        : {plan.backend} (from {dist})")
     for e in plan.evidence:
         lines.append(f"  evidence     : {e}")
-    frozen_by = _count_by_kind(plan.to_freeze)
-    lines.append(f"frozen         : {len(plan.to_freeze)} parameters ({frozen_by})")
+    if plan.to_freeze:
+        lines.append(f"frozen         : {len(plan.to_freeze)} parameters ({_count_by_kind(plan.to_freeze)})")
+    else:
+        lines.append("frozen         : nothing to do (every parameter was loaded frozen)")
     if plan.to_upcast:
         lines.append(f"upcast to fp32 : {len(plan.to_upcast)} parameters ({_count_by_kind(plan.to_upcast)}), "
                      f"policy {plan.upcast_policy}")
     else:
         lines.append(f"upcast to fp32 : nothing (policy {plan.upcast_policy})")
     if plan.quantized:
-        lines.append(f"quantized      : {len(plan.quantized)} tensors ({_count_by_kind(plan.quantized)}) left as stored")
+        lines.append(f"quantized      : {len(plan.quantized)} tensors ({_count_by_kind(plan.quantized)}) "
+                     "left as stored")
     lines.append(f"checkpointing  : {plan.checkpointing.value}")
     for h in report.hooks_added or ("none added",):
         lines.append(f"hooks          : {h}")
@@ -580,22 +604,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``kbitprep`` command line; returns the exit code."""
+    """Run the ``kbitprep`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors, --help, --version
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = bool(args.debug)
-    _quiet_libraries(debug)
     commands = {"demo": _cmd_demo, "backends": _cmd_backends, "plan": _cmd_plan}
     from .errors import KbitprepError
 
     try:
-        if args.json:
-            with _stdout_to_stderr() as out:
-                return commands[args.command](args, out)
-        return commands[args.command](args, sys.stdout)
+        with _quiet_libraries(debug):
+            if args.json:
+                with _stdout_to_stderr() as out:
+                    return commands[args.command](args, out)
+            return commands[args.command](args, sys.stdout)
     except KeyboardInterrupt:
         print("kbitprep: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -610,10 +637,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if debug else " (rerun with --debug for the traceback)"
         print(f"kbitprep: internal error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
         return EXIT_INTERNAL
-
-
-def _elapsed() -> float:
-    return time.perf_counter() - _STARTED
 
 
 if __name__ == "__main__":  # pragma: no cover

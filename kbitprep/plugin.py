@@ -6,7 +6,7 @@ itself, except through a :class:`FixUp` the core runs, records and can revert.
 
 A minimal plugin::
 
-    from kbitprep.plugin import Backend, Declarations, Detection, find_modules
+    from kbitprep.plugin import Backend, Declarations, Detection, find_modules, quantized_tensor_names
 
     class MyBackend(Backend):
         name = "my-quant"

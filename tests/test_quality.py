@@ -77,9 +77,7 @@ def test_readme_starts_with_the_two_commands_and_ci_calls_the_second() -> None:
 
 
 def test_constraints_pin_torch_to_the_cpu_build() -> None:
-    pins = dict(
-        line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line
-    )
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
     assert pins["torch"] == "2.13.0"
     assert pins["transformers"].startswith("5.24") and pins["peft"].startswith("0.21")
 

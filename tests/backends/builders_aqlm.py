@@ -29,8 +29,16 @@ def saved_aqlm_llama(nbits: int = 16, dtype: torch.dtype = torch.bfloat16) -> Pa
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear) or name == "lm_head":
             continue
-        layer = QuantizedLinear(mod.in_features, mod.out_features, in_group_size=8, out_group_size=1,
-                                num_codebooks=1, nbits_per_codebook=nbits, bias=False, dtype=dtype)
+        layer = QuantizedLinear(
+            mod.in_features,
+            mod.out_features,
+            in_group_size=8,
+            out_group_size=1,
+            num_codebooks=1,
+            nbits_per_codebook=nbits,
+            bias=False,
+            dtype=dtype,
+        )
         with torch.no_grad():
             layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=gen) * 0.05)
             layer.scales.fill_(1.0)

@@ -46,8 +46,9 @@ def tiny_tokenizer() -> object:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(list(SENTENCES) * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
 
 
 @functools.cache
@@ -56,10 +57,12 @@ def saved_gptq_llama(bits: int = 4, group_size: int = 32) -> Path:
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     path = Path(tempfile.mkdtemp(prefix="kbitprep-gptq-")) / f"llama-gptq{bits}-g{group_size}"
-    config = GPTQConfig(bits=bits, group_size=group_size, desc_act=False, dataset=list(SENTENCES),
-                        tokenizer=tiny_tokenizer())
-    model = AutoModelForCausalLM.from_pretrained(saved_tiny_llama(torch.float16), quantization_config=config,
-                                                 device_map="cpu", dtype=torch.float16)
+    config = GPTQConfig(
+        bits=bits, group_size=group_size, desc_act=False, dataset=list(SENTENCES), tokenizer=tiny_tokenizer()
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        saved_tiny_llama(torch.float16), quantization_config=config, device_map="cpu", dtype=torch.float16
+    )
     model.save_pretrained(path)
     return path
 

@@ -109,6 +109,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "no_model_type": '{"hidden_size": 8192}',
         "unknown_type": '{"model_type": "no-such-model"}',
         "unbuildable": '{"model_type": "llama", "vocab_size": -5}',
+        "quantized_config": json.dumps({**LLAMA_70B, "quantization_config": {"quant_method": "gptq", "bits": 4}}),
     }.items():
         path = root / f"{name}.json"
         path.write_text(text)
@@ -146,17 +147,12 @@ def _commands(f: dict[str, Path]) -> dict[str, tuple[tuple[str, ...], dict[str, 
     return c
 
 
-#: name -> ((args with {file} placeholders), env); expected outcome in BAD_EXPECT.
+#: Bad inputs run as subprocesses: name -> ((args with {file} placeholders), env); outcome in BAD_EXPECT.
 BAD_INPUTS: dict[str, tuple[tuple[str, ...], str]] = {
     "missing_path": (("plan", "{ckpt}/no-such-folder"), "plain"),
-    "path_is_config": (("plan", "{llama70b}"), "plain"),
     "no_weights": (("plan", "{weightless}"), "plain"),
-    "no_target": (("plan",), "plain"),
-    "missing_config": (("plan", "--config", "{ckpt}/no-such.json"), "plain"),
-    "malformed_json": (("plan", "--config", "{bad_json}"), "plain"),
-    "no_model_type": (("plan", "--config", "{no_model_type}"), "plain"),
+    "malformed_config": (("plan", "--config", "{bad_json}"), "plain"),
     "unknown_model_type": (("plan", "--config", "{unknown_type}"), "plain"),
-    "unbuildable_config": (("plan", "--config", "{unbuildable}"), "plain"),
     "unknown_quantization": (("plan", "--config", "{llama70b}", "--quantization", "int3"), "plain"),
     "unknown_backend_plan": (("plan", "{ckpt}", "--backend", "no-such-backend"), "plain"),
     "unknown_backend_demo": (("demo", "--backend", "no-such-backend"), "plain"),
@@ -164,18 +160,12 @@ BAD_INPUTS: dict[str, tuple[tuple[str, ...], str]] = {
     "demo_packages_missing": (("demo", "--backend", "hqq"), "no_hqq"),
     "plan_packages_missing": (("plan", "{ckpt}", "--quantization", "hqq-4bit"), "no_hqq"),
     "bad_steps": (("demo", "--steps", "0"), "plain"),
-    "unknown_command": (("frobnicate",), "plain"),
 }
 BAD_EXPECT: dict[str, tuple[int, str]] = {
     "missing_path": (1, "no such file or directory"),
-    "path_is_config": (1, "pass --config"),
-    "no_weights": (1, "no weights"),
-    "no_target": (1, "give a checkpoint folder"),
-    "missing_config": (1, "config file not found"),
-    "malformed_json": (1, "not valid JSON"),
-    "no_model_type": (1, 'no "model_type"'),
+    "no_weights": (1, "has a config.json but no weights; to plan from the config alone"),
+    "malformed_config": (1, "not valid JSON"),
     "unknown_model_type": (1, "'no-such-model' is not one transformers knows"),
-    "unbuildable_config": (1, "cannot build a llama model"),
     "unknown_quantization": (2, "invalid choice: 'int3'"),
     "unknown_backend_plan": (1, "no kbitprep backend is called 'no-such-backend'"),
     "unknown_backend_demo": (1, "unknown demo backend 'no-such-backend'"),
@@ -183,7 +173,23 @@ BAD_EXPECT: dict[str, tuple[int, str]] = {
     "demo_packages_missing": (1, "install it with: pip install hqq"),
     "plan_packages_missing": (1, "install it with: pip install hqq"),
     "bad_steps": (2, "--steps must be between 1 and 100000"),
-    "unknown_command": (2, "invalid choice: 'frobnicate'"),
+}
+#: More bad inputs, checked in process through kbitprep.cli.main (cheap): args, exit code, message.
+MORE_BAD_INPUTS: dict[str, tuple[tuple[str, ...], int, str]] = {
+    "path_is_config": (("plan", "{llama70b}"), 1, "is a file; to plan from a config without weights, pass --config"),
+    "path_is_file": (("plan", "{ckpt}/model.safetensors"), 1, "is a file, not a checkpoint folder"),
+    "no_config_json": (("plan", "{no_hqq}"), 1, "has no config.json"),
+    "no_target": (("plan",), 1, "give a checkpoint folder"),
+    "path_and_config": (("plan", "{ckpt}", "--config", "{llama70b}"), 1, "not both"),
+    "backend_with_config": (("plan", "--config", "{llama70b}", "--backend", "hqq"), 1, "--backend applies to loaded"),
+    "missing_config": (("plan", "--config", "{ckpt}/no-such.json"), 1, "config file not found"),
+    "no_model_type": (("plan", "--config", "{no_model_type}"), 1, 'no "model_type"'),
+    "unbuildable_config": (("plan", "--config", "{unbuildable}"), 1, "cannot build a llama model from this config"),
+    "quantized_config": (("plan", "--config", "{quantized_config}"), 1, "carries a quantization_config"),
+    "upcast_refused": (("plan", "--config", "{llama70b}", "--quantization", "hqq-4bit", "--upcast", "all"), 1,
+                       "not allowed for this backend"),
+    "bad_seed": (("demo", "--seed", "x"), 2, "expected a whole number"),
+    "unknown_command": (("frobnicate",), 2, "invalid choice: 'frobnicate'"),
 }
 
 
@@ -211,6 +217,25 @@ def _assert_clean_error(run: Run, code: int, text: str) -> None:
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_is_one_line_without_traceback(runs: dict[str, Callable[[], Run]], name: str) -> None:
     _assert_clean_error(runs[name](), *BAD_EXPECT[name])
+
+
+@pytest.mark.parametrize("name", list(MORE_BAD_INPUTS))
+def test_more_bad_inputs_in_process(files: dict[str, Path], capsys: pytest.CaptureFixture[str], name: str) -> None:
+    from kbitprep.cli import main
+
+    args, code, text = MORE_BAD_INPUTS[name]
+    rc = main([a.format(**{k: str(v) for k, v in files.items()}) for a in args])
+    out, err = capsys.readouterr()
+    _assert_clean_error(Run(args, rc, out, err), code, text)
+
+
+def test_help_and_version_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    from kbitprep.cli import main
+
+    assert main(["--version"]) == 0
+    assert main(["plan", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--quantization" in out and "kbitprep" in out
 
 
 def test_debug_shows_the_traceback(runs: dict[str, Callable[[], Run]]) -> None:
