@@ -44,26 +44,64 @@ DEFAULT_OUT = HERE / "results"
 #: Llama-style model shapes. ``cuda-*`` are the real architectures, with random weights.
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=2048, max_position_embeddings=512, tie_word_embeddings=False,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     ),
     "llama-100m": dict(
-        hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024, tie_word_embeddings=False,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
     ),
     "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ),
     "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ),
 }
 
@@ -80,35 +118,77 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {"kind": "kbitprep", "kw": {}, "label": "kbitprep.prepare() default (backend's upcast, no fp32 copies)"},
     "norms": {"kind": "kbitprep", "kw": {"upcast": "norms"}, "label": "kbitprep upcast='norms'"},
     "all": {"kind": "kbitprep", "kw": {"upcast": "all"}, "label": "kbitprep upcast='all' (PEFT's dtypes)"},
-    "non-reentrant": {"kind": "kbitprep", "kw": {"checkpointing": "non_reentrant"},
-                      "label": "kbitprep default, non-reentrant checkpointing"},
-    "chunked-head": {"kind": "kbitprep", "kw": {"memory": "chunked_head"},
-                     "label": "kbitprep memory='chunked_head' (256-token chunks)"},
+    "non-reentrant": {
+        "kind": "kbitprep",
+        "kw": {"checkpointing": "non_reentrant"},
+        "label": "kbitprep default, non-reentrant checkpointing",
+    },
+    "chunked-head": {
+        "kind": "kbitprep",
+        "kw": {"memory": "chunked_head"},
+        "label": "kbitprep memory='chunked_head' (256-token chunks)",
+    },
     "offload": {"kind": "kbitprep", "kw": {"memory": "offload"}, "label": "kbitprep memory='offload'"},
-    "lowest": {"kind": "kbitprep", "kw": {"memory": "lowest"},
-               "label": "kbitprep memory='lowest' (no upcast + reentrant + chunked head + offload)"},
+    "lowest": {
+        "kind": "kbitprep",
+        "kw": {"memory": "lowest"},
+        "label": "kbitprep memory='lowest' (no upcast + reentrant + chunked head + offload)",
+    },
 }
+
+KNOWN: dict[str, dict[str, Any]] = {"models": MODELS, "backends": BACKENDS, "variants": VARIANTS}
 
 #: The benchmark modes.
 MODES: dict[str, dict[str, Any]] = {
     "cpu-quick": {
-        "device": "cpu", "models": ["tiny"], "backends": ["bnb-nf4", "torchao-int8"],
+        "device": "cpu",
+        "models": ["tiny"],
+        "backends": ["bnb-nf4", "torchao-int8"],
         "variants": ["peft", "default", "chunked-head", "lowest"],
-        "batch": 2, "seq": 128, "steps": 3, "jobs": 2, "threads": 1, "timeout": 300,
+        "batch": 2,
+        "seq": 128,
+        "steps": 3,
+        "jobs": 2,
+        "threads": 1,
+        "timeout": 300,
     },
     "cpu": {
-        "device": "cpu", "models": ["tiny", "llama-100m"], "backends": ["bnb-nf4", "torchao-int8"],
+        "device": "cpu",
+        "models": ["tiny", "llama-100m"],
+        "backends": ["bnb-nf4", "torchao-int8"],
         "variants": ["peft", "dropin", "default", "norms", "all", "non-reentrant", "chunked-head", "offload", "lowest"],
-        "batch": 2, "seq": 256, "steps": 4, "jobs": 1, "threads": 0, "timeout": 1800,
+        "batch": 2,
+        "seq": 128,
+        "steps": 4,
+        "jobs": 1,
+        "threads": 0,
+        "timeout": 3600,
+        # bf16 matmuls run without hardware support on many CPUs (50x slower than fp32 on AVX2-only ones):
+        # the ~100M model gets fewer tokens, steps and variants (offload is a no-op on CPU anyway)
+        "per_model": {
+            "llama-100m": {
+                "batch": 1,
+                "seq": 128,
+                "steps": 3,
+                "variants": ["peft", "default", "norms", "chunked-head", "lowest"],
+            }
+        },
     },
     "cuda": {
-        "device": "cuda", "models": ["llama-3.2-1b", "llama-3.1-8b"], "backends": ["bnb-nf4"],
+        "device": "cuda",
+        "models": ["llama-3.2-1b", "llama-3.1-8b"],
+        "backends": ["bnb-nf4"],
         "variants": ["peft", "default", "chunked-head", "offload", "lowest"],
-        "batch": 4, "seq": 1024, "steps": 8, "jobs": 1, "threads": 0, "timeout": 1800,
+        "batch": 4,
+        "seq": 1024,
+        "steps": 8,
+        "jobs": 1,
+        "threads": 0,
+        "timeout": 1800,
     },
 }
 
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 LEARNING_RATE = 1e-4
 SEED = 1234
 IGNORED_PREFIX = 8  # the first tokens of every row get label -100 (exercises ignore_index)
@@ -190,7 +270,9 @@ def _load(spec: dict[str, Any]) -> Any:
     backend = spec["backend"]
     if backend == "bnb-nf4":
         qc: Any = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     elif backend == "torchao-int8":
@@ -359,7 +441,10 @@ def _run_child(what: str, spec: dict[str, Any], workdir: Path, timeout: float) -
     try:
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--child", what, str(spec_path), str(out_path)],
-            env=env, capture_output=True, text=True, timeout=timeout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - started}
@@ -393,13 +478,17 @@ def compare(runs: dict[str, dict[str, Any]]) -> None:
         base = peft_run if peft_run and not peft_run.get("error") else None
         if run.get("error"):
             continue
-        run["vs_peft"] = None if base is None else {
-            "param_bytes_after": _ratio(run["param_bytes_after"], base["param_bytes_after"]),
-            "peak_bytes": _ratio(run["peak_bytes"], base["peak_bytes"]),
-            "step_s_median": _ratio(run["step_s_median"], base["step_s_median"]),
-            "prepare_s": _ratio(run["prepare_s"], base["prepare_s"]),
-            "loss": _loss_diff(run["losses"], base["losses"]),
-        }
+        run["vs_peft"] = (
+            None
+            if base is None
+            else {
+                "param_bytes_after": _ratio(run["param_bytes_after"], base["param_bytes_after"]),
+                "peak_bytes": _ratio(run["peak_bytes"], base["peak_bytes"]),
+                "step_s_median": _ratio(run["step_s_median"], base["step_s_median"]),
+                "prepare_s": _ratio(run["prepare_s"], base["prepare_s"]),
+                "loss": _loss_diff(run["losses"], base["losses"]),
+            }
+        )
         if default_run and not default_run.get("error") and run["variant"] != "default":
             run["loss_vs_default"] = _loss_diff(run["losses"], default_run["losses"])
 
@@ -428,8 +517,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"- machine: {meta['machine']}",
         f"- command: `{meta['command']}`",
         f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-        f"- setup: batch {meta['batch']} x {meta['seq']} tokens, {meta['steps']} AdamW steps (lr {LEARNING_RATE}), "
-        f"LoRA r={LORA['r']} on all linear layers, bf16 autocast, seed {SEED}; one process per variant",
+        f"- setup: LoRA r={LORA['r']} on all linear layers (attached after prepare), AdamW (lr {LEARNING_RATE}), "
+        f"bf16 autocast, seed {SEED}, labels = inputs with the first {IGNORED_PREFIX} tokens of a row ignored; "
+        "one process per variant, run one after another"
+        if meta.get("jobs", 1) == 1
+        else f"- setup: LoRA r={LORA['r']} on all linear layers (attached after prepare), AdamW (lr {LEARNING_RATE}), "
+        f"bf16 autocast, seed {SEED}, labels = inputs with the first {IGNORED_PREFIX} tokens of a row ignored; "
+        f"one process per variant, {meta['jobs']} at a time",
+        f"- peak memory: {meta['peak']}",
         "",
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -438,6 +533,10 @@ def markdown(result: dict[str, Any]) -> str:
     for (model, backend), runs in groups.items():
         info = result["models"].get(model, {})
         lines.append(f"## {model} ({info.get('params', 0) / 1e6:.1f} M parameters), {backend}")
+        lines.append("")
+        lines.append(
+            f"{BACKENDS[backend]}; batch {info.get('batch')} x {info.get('seq')} tokens, {info.get('steps')} steps."
+        )
         lines.append("")
         lines.append(
             f"| variant | params after prepare | x PEFT | {peak_label} | x PEFT | step (median) | x PEFT "
@@ -510,18 +609,37 @@ def _machine(device: str) -> str:
     text = f"{cpu}, {os.cpu_count()} logical CPUs, {mem / 2**30:.0f} GiB RAM, Python {platform.python_version()}"
     if device == "cuda":
         try:
-            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30).stdout.strip()
+            gpu = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
             text += f", GPU: {gpu}"
         except (OSError, subprocess.SubprocessError):
             text += ", GPU: unknown"
     return text
 
 
+def _model_conf(conf: dict[str, Any], model: str, overridden: set[str]) -> dict[str, Any]:
+    """batch / seq / steps / variants for one model: the mode's, its per-model ones, then the command line's."""
+    mc = {k: conf[k] for k in ("batch", "seq", "steps", "variants")}
+    for key, value in conf.get("per_model", {}).get(model, {}).items():
+        if key not in overridden:
+            mc[key] = value
+    if "peft" not in mc["variants"]:
+        mc["variants"] = ["peft", *mc["variants"]]
+    return mc
+
+
 def _cuda_available() -> bool:
     try:
-        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return out.stdout.strip() == "True"
@@ -539,8 +657,11 @@ def dry_run(mode: str, conf: dict[str, Any]) -> dict[str, Any]:
             m = LlamaForCausalLM(cfg)
         params = {id(p): p for p in m.parameters()}.values()
         n = sum(p.numel() for p in params)
-        linear = sum(mod.weight.numel() for name, mod in m.named_modules()
-                     if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"))
+        linear = sum(
+            mod.weight.numel()
+            for name, mod in m.named_modules()
+            if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")
+        )
         other = n - linear
         report["models"][model] = {
             "params": n,
@@ -561,8 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         return _child_main(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="CPU, tiny model, two backends, four variants")
     mode.add_argument("--cpu", action="store_true", help="CPU, tiny and ~100M models (the default without a GPU)")
@@ -586,14 +708,18 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, key)
         if value:
             chosen = [v.strip() for v in value.split(",") if v.strip()]
-            known = {"models": MODELS, "backends": BACKENDS, "variants": VARIANTS}[key]
+            known = list(KNOWN[key])
             bad = [v for v in chosen if v not in known]
             if bad:
                 parser.error(f"unknown {key}: {', '.join(bad)} (known: {', '.join(known)})")
             conf[key] = chosen
+    overridden: set[str] = set()
     for key in ("steps", "batch", "seq", "jobs", "threads"):
         if getattr(args, key) is not None:
             conf[key] = getattr(args, key)
+            overridden.add(key)
+    if args.variants:
+        overridden.add("variants")
     if "peft" not in conf["variants"]:
         conf["variants"] = ["peft", *conf["variants"]]
 
@@ -623,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": conf["jobs"],
             "threads": conf["threads"],
             "peak": "VmHWM of the variant's process, reset after load+prepare+LoRA (training only)"
-            if conf["device"] == "cpu" else "torch.cuda.max_memory_allocated over the training steps",
+            if conf["device"] == "cpu"
+            else "torch.cuda.max_memory_allocated over the training steps",
             "forced_backend": args.force_backend,
         },
         "variants": conf["variants"],
@@ -634,31 +761,55 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         for model in conf["models"]:
             path = work / model
-            built = _run_child("build", {"model": model, "device": conf["device"], "path": str(path)}, work,
-                               conf["timeout"])
+            built = _run_child(
+                "build", {"model": model, "device": conf["device"], "path": str(path)}, work, conf["timeout"]
+            )
             result["models"][model] = {"config": MODELS[model], **{k: v for k, v in built.items() if k != "traceback"}}
+            mc = _model_conf(conf, model, overridden)
+            result["models"][model].update({k: mc[k] for k in ("batch", "seq", "steps")})
             jobs = []
             for backend in conf["backends"]:
-                for variant in conf["variants"]:
+                for variant in mc["variants"]:
                     spec = {
-                        "model": model, "backend": backend, "variant": variant, "path": str(path),
-                        "device": conf["device"], "batch": conf["batch"], "seq": conf["seq"],
-                        "steps": conf["steps"], "threads": conf["threads"], "force_backend": args.force_backend,
+                        "model": model,
+                        "backend": backend,
+                        "variant": variant,
+                        "path": str(path),
+                        "device": conf["device"],
+                        "batch": mc["batch"],
+                        "seq": mc["seq"],
+                        "steps": mc["steps"],
+                        "threads": conf["threads"],
+                        "force_backend": args.force_backend,
                     }
                     jobs.append(spec)
             if built.get("error"):
                 for spec in jobs:
                     key = f"{model}/{spec['backend']}/{spec['variant']}"
-                    result["runs"][key] = {"model": model, "backend": spec["backend"], "variant": spec["variant"],
-                                           "error": f"model build failed: {built['error']}"}
+                    result["runs"][key] = {
+                        "model": model,
+                        "backend": spec["backend"],
+                        "variant": spec["variant"],
+                        "error": f"model build failed: {built['error']}",
+                    }
                 continue
+
+            def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+                out = _run_child("variant", spec, work, conf["timeout"])
+                status = out.get("error") or f"peak {_fmt_bytes(out.get('peak_bytes'))}, loss {out['losses'][-1]:.4f}"
+                print(
+                    f"[{time.perf_counter() - started:7.1f} s] {spec['model']}/{spec['backend']}/{spec['variant']}: "
+                    f"{status}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return out
+
             with ThreadPoolExecutor(max_workers=max(1, conf["jobs"])) as pool:
-                outs = list(pool.map(lambda s: _run_child("variant", s, work, conf["timeout"]), jobs))
+                outs = list(pool.map(run_one, jobs))
             for spec, out in zip(jobs, outs):
                 key = f"{model}/{spec['backend']}/{spec['variant']}"
                 result["runs"][key] = {"model": model, "backend": spec["backend"], "variant": spec["variant"], **out}
-                status = out.get("error") or f"peak {_fmt_bytes(out.get('peak_bytes'))}, loss {out['losses'][-1]:.4f}"
-                print(f"[{time.perf_counter() - started:6.1f} s] {key}: {status}", file=sys.stderr)
     compare(result["runs"])
     result["meta"]["wall_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)

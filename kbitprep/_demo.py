@@ -1,7 +1,7 @@
 """The demo behind ``kbitprep demo``: a tiny Llama, quantized on the CPU, prepared, LoRA-trained.
 
 Everything is built in process; nothing is downloaded. The model is a 2-layer Llama-style network
-with random weights (about 0.2 M parameters), saved with ``save_pretrained`` to a temporary folder
+with random weights (0.31 M parameters), saved with ``save_pretrained`` to a temporary folder
 and loaded back quantized by the chosen backend, exactly as a user loads a real checkpoint. Its
 initialiser range is 0.1 rather than Llama's 0.02: with frozen random embeddings and ``lm_head``,
 the final RMSNorm caps what LoRA can do to the logits at about ``range * hidden_size``, and at 0.02
@@ -85,8 +85,9 @@ DEMO_BACKENDS: dict[str, DemoBackend] = {
     b.name: b
     for b in (
         DemoBackend("bnb-4bit", "bnb-4bit", torch.bfloat16),
-        DemoBackend("bnb-8bit", "bnb-8bit", torch.float16,
-                    "loaded in fp16: Linear8bitLt casts bf16 inputs to fp16 anyway"),
+        DemoBackend(
+            "bnb-8bit", "bnb-8bit", torch.float16, "loaded in fp16: Linear8bitLt casts bf16 inputs to fp16 anyway"
+        ),
         DemoBackend("hqq", "hqq-4bit", torch.bfloat16),
         DemoBackend("torchao", "torchao-int8", torch.bfloat16),
         DemoBackend("quanto", "quanto-int8", torch.bfloat16),
@@ -142,8 +143,12 @@ def _quantization_config(scheme: Scheme, dtype: torch.dtype) -> Any:
     if scheme.name == "bnb-4bit":
         from transformers import BitsAndBytesConfig
 
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     if scheme.name == "bnb-8bit":
         from transformers import BitsAndBytesConfig
 
@@ -203,8 +208,9 @@ def load_checkpoint(path: str | Path, scheme: Scheme | str = "none", dtype: torc
 
         compute = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.bfloat16)
         with contextlib.redirect_stderr(io.StringIO()):  # hqq draws its own progress bars
-            AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=4, group_size=64),
-                                          compute_dtype=compute, device="cpu")
+            AutoHQQHFModel.quantize_model(
+                model, quant_config=BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=compute, device="cpu"
+            )
     if not isinstance(model, nn.Module):
         raise KbitprepError(f"loading {path} gave {type(model).__name__}, not a model")
     return model
@@ -273,7 +279,7 @@ def _continue(model: nn.Module, prompt: list[int], n: int) -> list[int]:
     for _ in range(n):
         logits = model(input_ids=ids).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return [int(t) for t in ids[0, len(prompt):]]
+    return [int(t) for t in ids[0, len(prompt) :]]
 
 
 @torch.no_grad()
@@ -304,6 +310,7 @@ class DemoResult:
     prompt: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    autocast: torch.dtype | None = None
 
     @property
     def expected(self) -> list[int]:
@@ -324,9 +331,17 @@ class DemoResult:
                 "class": self.model_class,
                 "parameters": self.parameters,
                 "dtype": str(self.backend.dtype).removeprefix("torch."),
-                "config": {k: getattr(demo_config(), k) for k in (
-                    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "vocab_size")},
+                "config": {
+                    k: getattr(demo_config(), k)
+                    for k in (
+                        "hidden_size",
+                        "intermediate_size",
+                        "num_hidden_layers",
+                        "num_attention_heads",
+                        "num_key_value_heads",
+                        "vocab_size",
+                    )
+                },
             },
             "plan": plan.to_dict(params=False),
             "prepared": {
@@ -371,6 +386,7 @@ class DemoResult:
                 "first_loss": self.losses[0] if self.losses else math.nan,
                 "last_loss": self.losses[-1] if self.losses else math.nan,
                 "accuracy": self.accuracy,
+                "autocast": str(self.autocast).removeprefix("torch.") if self.autocast is not None else None,
                 "sample": {"prompt": self.prompt, "expected": self.expected, "generated": self.generated},
             },
             "seconds": dict(self.seconds),
@@ -388,16 +404,37 @@ def resolve_backend(name: str, registry: Registry | None = None) -> DemoBackend:
     choices = ", ".join(DEMO_BACKENDS)
     if name not in DEMO_BACKENDS:
         if name in NOT_ON_CPU and name in reg:
-            raise UnknownBackendError(f"the demo cannot build a {name!r} model on a CPU: {NOT_ON_CPU[name]}; "
-                                      f"demo backends: {choices}")
+            raise UnknownBackendError(
+                f"the demo cannot build a {name!r} model on a CPU: {NOT_ON_CPU[name]}; demo backends: {choices}"
+            )
         raise UnknownBackendError(f"unknown demo backend {name!r}; choices: {choices}")
     reg.get(name)  # UnknownBackendError if its plugin failed to load
     backend = DEMO_BACKENDS[name]
     check_scheme_available(SCHEMES[backend.scheme], reg)
     if missing_packages(("peft",)):
-        raise BackendUnavailableError("the demo attaches LoRA with peft, which cannot be imported here; "
-                                      "install it with: pip install 'kbitprep[peft]'")
+        raise BackendUnavailableError(
+            "the demo attaches LoRA with peft, which cannot be imported here; "
+            "install it with: pip install 'kbitprep[peft]'"
+        )
     return backend
+
+
+def _autocast_dtype(model: nn.Module) -> torch.dtype | None:
+    """The half dtype to autocast to when prepare left the plain float parameters in mixed dtypes.
+
+    With ``upcast="norms"`` the final norm returns fp32 into a bf16 ``lm_head``, which a plain
+    forward rejects (``expected m1 and m2 to have the same dtype``); training then needs autocast,
+    as the QLoRA recipe and a ``Trainer`` with ``bf16=True`` use.
+    """
+    dtypes = {p.dtype for p in model.parameters() if type(p.data) is torch.Tensor and p.dtype.is_floating_point}
+    half = dtypes & {torch.bfloat16, torch.float16}
+    if torch.float32 in dtypes and len(half) == 1:
+        return next(iter(half))
+    return None
+
+
+def _maybe_autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _batches(seed: int) -> Iterator[torch.Tensor]:
@@ -446,12 +483,14 @@ def run_demo(
     report = kbit_report(model)
     model_class = type(model).__name__
     torch.manual_seed(seed)
+    autocast = _autocast_dtype(model)  # before LoRA adds its fp32 adapters
     with quiet_stdout(quiet):
         wrapped = _attach_lora(model)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(seed + 1)
     probe = counting_batch(gen, 2)
-    flow = verify_gradient_flow(wrapped, {"input_ids": probe, "labels": probe})
+    with _maybe_autocast(autocast):
+        flow = verify_gradient_flow(wrapped, {"input_ids": probe, "labels": probe})
     seconds["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -460,13 +499,21 @@ def run_demo(
     losses: list[float] = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, desc="LoRA training", unit="step", file=progress, disable=progress is None,
-               dynamic_ncols=True, leave=True)
+    bar = tqdm(
+        total=steps,
+        desc="LoRA training",
+        unit="step",
+        file=progress,
+        disable=progress is None,
+        dynamic_ncols=True,
+        leave=True,
+    )
     batches = _batches(seed)
     try:
         for _ in range(steps):
             ids = next(batches)
-            loss = wrapped(input_ids=ids, labels=ids).loss
+            with _maybe_autocast(autocast):
+                loss = wrapped(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -479,9 +526,11 @@ def run_demo(
 
     wrapped.eval()
     gen = torch.Generator().manual_seed(seed + 2)
-    accuracy = _accuracy(wrapped, gen)
+    with _maybe_autocast(autocast):
+        accuracy = _accuracy(wrapped, gen)
     prompt = [int(x) for x in counting_batch(gen, 1, 4)[0]]
-    generated = _continue(wrapped, prompt, 8)
+    with _maybe_autocast(autocast):
+        generated = _continue(wrapped, prompt, 8)
     seconds["total"] = time.perf_counter() - started
     return DemoResult(
         backend=choice,
@@ -501,4 +550,5 @@ def run_demo(
         prompt=prompt,
         generated=generated,
         seconds=seconds,
+        autocast=autocast,
     )

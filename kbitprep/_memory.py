@@ -288,6 +288,10 @@ def memory_plan(
             head = _output_head(lm)
             assert head is not None
             head_name = _module_name(model, head)
+            notes.append(
+                f"memory: trained with labels, {type(lm).__name__} computes {head_name} and the loss in "
+                f"{chunk}-token chunks and returns logits=None"
+            )
     offload = modes.offload
     target = lm if chunk else _forward_target(model)
     target_name = lm_name if chunk else _module_name(model, target)
@@ -368,8 +372,9 @@ def chunked_causal_lm_loss(
         return F.cross_entropy(head(hc).float(), yc, ignore_index=ignore_index, reduction="sum")
 
     for start in range(0, h.shape[0], chunk_tokens):
-        part = checkpoint(chunk_loss, h[start : start + chunk_tokens], y[start : start + chunk_tokens],
-                          use_reentrant=False)
+        part = checkpoint(
+            chunk_loss, h[start : start + chunk_tokens], y[start : start + chunk_tokens], use_reentrant=False
+        )
         total = total + part
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
@@ -428,10 +433,6 @@ class OffloadHooks:
     packed: int = 0
     offloaded: int = 0
     offloaded_bytes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> OffloadHooks:
-        return OffloadHooks(self.min_bytes, self.force_copy)
 
     def _eligible(self, t: torch.Tensor) -> bool:
         if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
@@ -442,8 +443,7 @@ class OffloadHooks:
 
     def pack(self, t: torch.Tensor) -> Any:
         """The pack hook: returns the tensor itself or a handle on its host copy."""
-        with self._lock:
-            self.packed += 1
+        self.packed += 1  # statistics only: not exact if several threads run forwards at once
         if not self._eligible(t):
             return t
         if t.device.type == "cuda":
@@ -462,9 +462,8 @@ class OffloadHooks:
             packed = _OnHost(host, t.device, None)
         else:
             return t
-        with self._lock:
-            self.offloaded += 1
-            self.offloaded_bytes += t.numel() * t.element_size()
+        self.offloaded += 1
+        self.offloaded_bytes += t.numel() * t.element_size()
         return packed
 
     def unpack(self, packed: Any) -> torch.Tensor:
@@ -560,8 +559,9 @@ class _PatchedForward:
             stacklevel=4,
         )
 
-    def _chunked(self, state: _MemoryState, forward: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> Any:
+    def _chunked(
+        self, state: _MemoryState, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         module = self.module
         head = _output_head(module)
         if head is None or not isinstance(vars(head).get("forward"), _PatchedHead):
@@ -640,8 +640,14 @@ def memory_modes(model: nn.Module) -> dict[str, Any]:
     """
     state = _state_of(model)
     if state is None:
-        return {"chunked_head": 0, "offload": False, "packed": 0, "offloaded": 0, "offloaded_bytes": 0,
-                "chunked_head_fallback": ""}
+        return {
+            "chunked_head": 0,
+            "offload": False,
+            "packed": 0,
+            "offloaded": 0,
+            "offloaded_bytes": 0,
+            "chunked_head_fallback": "",
+        }
     return {
         "chunked_head": state.chunked_head,
         "offload": state.offload,

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ __all__ = [
     "MetaPlan",
     "Scheme",
     "build_meta_model",
+    "config_dtype",
     "converted_linears",
     "load_config",
     "peft_plan",
@@ -131,7 +132,8 @@ class Scheme:
         install_hint: what to install when they are missing.
         allow_upcast: whether the backend lets other parameters be cast to fp32.
         peft_upcast: whether PEFT's ``prepare_model_for_kbit_training`` upcasts the other
-            fp16/bf16 parameters of such a model.
+            fp16/bf16 parameters of such a model (as :func:`kbitprep.prepare_model_for_kbit_training`
+            reproduces it: where PEFT's function raises, as on quanto, the backend's rule).
         peft_checkpointing: whether PEFT's function enables checkpointing for it.
         peft_note: a remark on what PEFT's function really does with it.
         frozen_on_load: whether loading this way leaves every parameter frozen already (hqq's
@@ -176,37 +178,125 @@ class Scheme:
 
 _QUANTO_NOTE = (
     "PEFT's function raises on quanto models (ValueError: The dtype of a weights Tensor cannot be "
-    "changed); the figure is what its rules would have cast"
+    "changed); the PEFT figure is kbitprep's drop-in, which casts nothing there, as the backend requires"
 )
 
 #: Every quantization the CLI knows, by ``--quantization`` name.
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("bnb-4bit", "bnb-4bit", "bitsandbytes NF4, blocksize 64, double quantization, bf16 compute",
-               "n/2 packed + n/64 uint8 absmax + fp32 absmax per 256 blocks + codes", "Linear4bit", "weight",
-               torch.uint8, _bnb4, ("bitsandbytes",), "pip install bitsandbytes"),
-        Scheme("bnb-8bit", "bnb-8bit", "bitsandbytes LLM.int8", "n int8 + fp32 scale per row", "Linear8bitLt",
-               "weight", torch.int8, _bnb8, ("bitsandbytes",), "pip install bitsandbytes"),
-        Scheme("torchao-int8", "torchao", "torchao Int8WeightOnlyConfig (per-row)",
-               "n int8 + fp32 scale and int8 zero point per row", "Linear", "weight", None, _ao_int8,
-               ("torchao",), "pip install torchao", peft_upcast=False),
-        Scheme("torchao-int4", "torchao", "torchao IntxWeightOnlyConfig int4, group size 32",
-               "n int8 (int4 values unpacked) + scale and int8 zero point per 32-group", "Linear", "weight", None,
-               _ao_int4, ("torchao",), "pip install torchao", allow_upcast=False, peft_upcast=False),
-        Scheme("quanto-int8", "quanto", "optimum-quanto int8 weights", "n int8 + scale per row", "QLinear",
-               "weight", None, _quanto_int8, ("optimum.quanto",), "pip install optimum-quanto",
-               allow_upcast=False, peft_checkpointing=False, peft_note=_QUANTO_NOTE),
-        Scheme("quanto-int4", "quanto", "optimum-quanto int4 weights, group size 128",
-               "n/2 packed + scale and shift per 128-group", "QLinear", "weight", None, _quanto_int4,
-               ("optimum.quanto",), "pip install optimum-quanto", allow_upcast=False, peft_checkpointing=False,
-               peft_note=_QUANTO_NOTE),
-        Scheme("hqq-4bit", "hqq", "hqq 4-bit, group size 64, compute in the model's dtype",
-               "n/2 packed + scale and zero per 64-group", "HQQLinear", "W_q", torch.uint8, _hqq4, ("hqq",),
-               "pip install hqq", allow_upcast=False, peft_upcast=False, frozen_on_load=True),
-        Scheme("none", "unquantized", "no quantization (weights in the model's dtype)", "n x dtype size",
-               "Linear", "weight", None, _none, (), "", peft_checkpointing=False,
-               peft_note="PEFT's function upcasts an unquantized model whole and enables no checkpointing"),
+        Scheme(
+            "bnb-4bit",
+            "bnb-4bit",
+            "bitsandbytes NF4, blocksize 64, double quantization, bf16 compute",
+            "n/2 packed + n/64 uint8 absmax + fp32 absmax per 256 blocks + codes",
+            "Linear4bit",
+            "weight",
+            torch.uint8,
+            _bnb4,
+            ("bitsandbytes",),
+            "pip install bitsandbytes",
+        ),
+        Scheme(
+            "bnb-8bit",
+            "bnb-8bit",
+            "bitsandbytes LLM.int8",
+            "n int8 + fp32 scale per row",
+            "Linear8bitLt",
+            "weight",
+            torch.int8,
+            _bnb8,
+            ("bitsandbytes",),
+            "pip install bitsandbytes",
+        ),
+        Scheme(
+            "torchao-int8",
+            "torchao",
+            "torchao Int8WeightOnlyConfig (per-row)",
+            "n int8 + fp32 scale and int8 zero point per row",
+            "Linear",
+            "weight",
+            None,
+            _ao_int8,
+            ("torchao",),
+            "pip install torchao",
+            peft_upcast=False,
+        ),
+        Scheme(
+            "torchao-int4",
+            "torchao",
+            "torchao IntxWeightOnlyConfig int4, group size 32",
+            "n int8 (int4 values unpacked) + scale and int8 zero point per 32-group",
+            "Linear",
+            "weight",
+            None,
+            _ao_int4,
+            ("torchao",),
+            "pip install torchao",
+            allow_upcast=False,
+            peft_upcast=False,
+        ),
+        Scheme(
+            "quanto-int8",
+            "quanto",
+            "optimum-quanto int8 weights",
+            "n int8 + scale per row",
+            "QLinear",
+            "weight",
+            None,
+            _quanto_int8,
+            ("optimum.quanto",),
+            "pip install optimum-quanto",
+            allow_upcast=False,
+            peft_upcast=False,
+            peft_checkpointing=False,
+            peft_note=_QUANTO_NOTE,
+        ),
+        Scheme(
+            "quanto-int4",
+            "quanto",
+            "optimum-quanto int4 weights, group size 128",
+            "n/2 packed + scale and shift per 128-group",
+            "QLinear",
+            "weight",
+            None,
+            _quanto_int4,
+            ("optimum.quanto",),
+            "pip install optimum-quanto",
+            allow_upcast=False,
+            peft_upcast=False,
+            peft_checkpointing=False,
+            peft_note=_QUANTO_NOTE,
+        ),
+        Scheme(
+            "hqq-4bit",
+            "hqq",
+            "hqq 4-bit, group size 64, compute in the model's dtype",
+            "n/2 packed + scale and zero per 64-group",
+            "HQQLinear",
+            "W_q",
+            torch.uint8,
+            _hqq4,
+            ("hqq",),
+            "pip install hqq",
+            allow_upcast=False,
+            peft_upcast=False,
+            frozen_on_load=True,
+        ),
+        Scheme(
+            "none",
+            "unquantized",
+            "no quantization (weights in the model's dtype)",
+            "n x dtype size",
+            "Linear",
+            "weight",
+            None,
+            _none,
+            (),
+            "",
+            peft_checkpointing=False,
+            peft_note="PEFT's function upcasts an unquantized model whole and enables no checkpointing",
+        ),
     )
 }
 
@@ -220,7 +310,9 @@ def peft_plan(model: nn.Module, *, registry: Registry | None = None) -> Plan:
     The same rules :func:`kbitprep.prepare_model_for_kbit_training` applies (PEFT 0.21): bitsandbytes
     models and models of an unknown backend get every plain fp16/bf16 parameter that is not a
     ``Params4bit`` cast to fp32; GPTQ, AQLM, EETQ, TorchAO and HQQ models get no cast; checkpointing
-    (reentrant) only for bitsandbytes and those five. Changes nothing.
+    (reentrant) only for bitsandbytes and those five. Where PEFT's function raises (a half-dtype
+    tensor subclass it tries to cast, as with optimum-quanto) the backend's ``allow_upcast`` decides,
+    as in the drop-in. Changes nothing.
     """
     method = quant_method(model)
     loaded_in_kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
@@ -255,13 +347,15 @@ def load_config(path: str | Path) -> Any:
         raise ConfigError(f"malformed config {p}: expected a JSON object, got {type(data).__name__}")
     model_type = data.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise ConfigError(f"malformed config {p}: no \"model_type\" (e.g. \"llama\")")
+        raise ConfigError(f'malformed config {p}: no "model_type" (e.g. "llama")')
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
-        raise ConfigError(f"malformed config {p}: model_type {model_type!r} is not one transformers knows "
-                          "(e.g. llama, mistral, qwen2, gemma)")
+        raise ConfigError(
+            f"malformed config {p}: model_type {model_type!r} is not one transformers knows "
+            "(e.g. llama, mistral, qwen2, gemma)"
+        )
     try:
         return AutoConfig.for_model(**data)
     except (ValueError, TypeError, KeyError) as exc:
@@ -305,8 +399,10 @@ def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
     cls = _model_class(config)
     try:
         with torch.device("meta"):
-            model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(
-                config, dtype=dtype
+            model = (
+                cls.from_config(config, dtype=dtype)
+                if hasattr(cls, "from_config")
+                else cls._from_config(config, dtype=dtype)
             )
     except (ValueError, TypeError, AttributeError, KeyError, AssertionError, RuntimeError) as exc:
         raise ConfigError(
@@ -331,8 +427,9 @@ def converted_linears(model: nn.Module) -> list[str]:
     skip.update(getattr(model, "_keep_in_fp32_modules", None) or ())
 
     def skipped(name: str) -> bool:
-        return any(name == s or name.startswith(s + ".") or name.endswith("." + s) or f".{s}." in f".{name}."
-                   for s in skip)
+        return any(
+            name == s or name.startswith(s + ".") or name.endswith("." + s) or f".{s}." in f".{name}." for s in skip
+        )
 
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n)]
 
@@ -383,8 +480,9 @@ def _scheme_declarations(scheme: Scheme) -> Declarations:
     return Declarations(allow_upcast=scheme.allow_upcast, upcast_note=note, default_upcast="none")
 
 
-def _requantize(base: Plan, model: nn.Module, scheme: Scheme, targets: set[str], dtype: torch.dtype
-                ) -> tuple[Plan, int, int, int]:
+def _requantize(
+    base: Plan, model: nn.Module, scheme: Scheme, targets: set[str], dtype: torch.dtype
+) -> tuple[Plan, int, int, int]:
     """``base`` with the weights of ``targets`` replaced by the scheme's storage; returns the plan and totals."""
     mods = dict(model.named_modules())
     fbytes = torch.empty((), dtype=dtype).element_size()
@@ -400,12 +498,21 @@ def _requantize(base: Plan, model: nn.Module, scheme: Scheme, targets: set[str],
             overhead_total += extra
             numel_total += mod.out_features * mod.in_features
             sdtype = scheme.storage_dtype or pp.dtype_before
-            params.append(replace(
-                pp, name=f"{owner}.{scheme.param_name}", aliases=(f"{owner}.{scheme.param_name}",),
-                module_type=scheme.module_class, dtype_before=sdtype, dtype_after=sdtype,
-                bytes_before=data + extra, bytes_after=data + extra, quantized=True,
-                requires_grad_before=False, requires_grad_after=False,  # quantized weights load frozen
-            ))
+            params.append(
+                replace(
+                    pp,
+                    name=f"{owner}.{scheme.param_name}",
+                    aliases=(f"{owner}.{scheme.param_name}",),
+                    module_type=scheme.module_class,
+                    dtype_before=sdtype,
+                    dtype_after=sdtype,
+                    bytes_before=data + extra,
+                    bytes_after=data + extra,
+                    quantized=True,
+                    requires_grad_before=False,
+                    requires_grad_after=False,  # quantized weights load frozen
+                )
+            )
         elif scheme.frozen_on_load and not pp.adapter:
             params.append(replace(pp, requires_grad_before=False))
         else:
@@ -456,8 +563,13 @@ def plan_from_config(
     targets = set(converted_linears(model)) if scheme.quantizes else set()
 
     # The converted weights are planned as float first and replaced by their storage afterwards.
-    base = build_plan(model, backend="unquantized", upcast=upcast if callable(upcast) else label,
-                      checkpointing=mode.value, registry=registry)
+    base = build_plan(
+        model,
+        backend="unquantized",
+        upcast=upcast if callable(upcast) else label,
+        checkpointing=mode.value,
+        registry=registry,
+    )
     plan, weight, overhead, qnumel = _requantize(base, model, scheme, targets, float_dtype)
     reg = registry or default_registry()
     dist = reg.get(scheme.backend).distribution if scheme.backend in reg else "kbitprep"
@@ -466,11 +578,14 @@ def plan_from_config(
         f"planned from {source or 'a config'} on the meta device (no weights allocated): "
         f"{type(model).__name__}, {parameters:,} parameters",
         f"quantization {scheme.name}: {scheme.summary}; {len(targets)} linears converted"
-        if scheme.quantizes else "quantization none: every weight stays in its float dtype",
+        if scheme.quantizes
+        else "quantization none: every weight stays in its float dtype",
     )
     notes = [n for n in plan.notes if "non-float or tensor-subclass" not in n]
-    notes.append("weights are on the meta device: kbitprep.prepare refuses such a model (UnsupportedModelError); "
-                 "load the checkpoint to prepare it")
+    notes.append(
+        "weights are on the meta device: kbitprep.prepare refuses such a model (UnsupportedModelError); "
+        "load the checkpoint to prepare it"
+    )
     if scheme.quantizes:
         notes.append(f"quantized bytes = data + scales/state by formula: {scheme.formula}")
     plan = replace(
@@ -487,13 +602,20 @@ def plan_from_config(
         declarations=(decl,),
     )
     peft_mode = CheckpointMode.REENTRANT.value if scheme.peft_checkpointing else False
-    peft_base = build_plan(model, backend="unquantized", upcast="all" if scheme.peft_upcast else "none",
-                           checkpointing=peft_mode, peft_compat=True, registry=registry)
+    peft_base = build_plan(
+        model,
+        backend="unquantized",
+        upcast="all" if scheme.peft_upcast else "none",
+        checkpointing=peft_mode,
+        peft_compat=True,
+        registry=registry,
+    )
     peft, _, _, _ = _requantize(peft_base, model, scheme, targets, float_dtype)  # quantized storage is never cast
     return MetaPlan(
         plan=plan,
-        peft=replace(peft, backend=scheme.backend, upcast_policy="peft" if scheme.peft_upcast else "none",
-                     fingerprint=()),
+        peft=replace(
+            peft, backend=scheme.backend, upcast_policy="peft" if scheme.peft_upcast else "none", fingerprint=()
+        ),
         scheme=scheme,
         parameters=parameters,
         quantized_parameters=qnumel,
@@ -502,13 +624,3 @@ def plan_from_config(
         overhead_bytes=overhead,
         dtype=float_dtype,
     )
-
-
-def scheme_names() -> list[str]:
-    """Every ``--quantization`` choice."""
-    return list(SCHEMES)
-
-
-def describe_schemes() -> Mapping[str, str]:
-    """``name -> summary`` of every scheme."""
-    return {k: v.summary for k, v in SCHEMES.items()}

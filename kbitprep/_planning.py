@@ -395,6 +395,14 @@ def build_plan(
             f"{type(model).__name__} has no floating-point parameters and no quantized layers a backend "
             "recognises; there is nothing to train"
         )
+    upcast_mixed = any(p.upcast for p in params) and any(
+        not p.upcast and not p.quantized and p.dtype_before in HALF_DTYPES for p in params
+    )
+    if upcast_mixed:
+        notes.append(
+            f"upcast {policy_label!r} leaves fp32 and half-precision layers side by side: train under "
+            "torch.autocast (bf16/fp16 mixed precision), or fp32 outputs will meet half-precision weights"
+        )
     fsdp_extras: dict[str, Any] = {}
     if fsdp_setting.enabled and not peft_compat:
         more, fsdp_extras = check_fsdp_dtypes(model, params, fsdp_setting, upcast_label=policy_label)

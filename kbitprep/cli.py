@@ -35,7 +35,9 @@ bytes_after}}, extras``.
     saved / peft);
     ``gradient_flow{ok, checked, with_grad, zero_grad, output_requires_grad, loss}``;
     ``training{task, steps, seed, batch_size, seq_len, lr, lora{r, alpha, target_modules}, losses[],
-    first_loss, last_loss, accuracy, sample{prompt[], expected[], generated[]}}``;
+    first_loss, last_loss, accuracy, autocast (null, or the dtype the forward autocasts to when the
+    upcast policy leaves fp32 and half-precision parameters side by side), sample{prompt[], expected[],
+    generated[]}}``;
     ``seconds{build, prepare, train, total, process}`` (wall time; ``process`` counts from the
     interpreter's start where the OS tells it, else it equals ``total``).
 
@@ -114,9 +116,6 @@ class _Style:
     def red(self, text: str) -> str:
         return self._wrap("31", text)
 
-    def dim(self, text: str) -> str:
-        return self._wrap("2", text)
-
 
 def _one_line(text: object, limit: int = 600) -> str:
     line = " ".join(str(text).split())
@@ -173,8 +172,14 @@ def _quiet_libraries(debug: bool) -> Iterator[None]:
     line each. Everything is restored afterwards, so ``main()`` can be called in process."""
     from .errors import KbitprepWarning
 
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: TextIO | None = None, line: str | None = None) -> None:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         print(f"kbitprep: warning: {_one_line(message)}", file=sys.stderr)
 
     if debug:
@@ -263,12 +268,21 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     def show_plan(plan: Any) -> None:
         if args.json:
             return
-        out.write(f"{style.bold('kbitprep demo')}: a tiny Llama (2 layers, hidden 128), random weights, "
-                  f"saved and loaded back with {plan.backend} on the CPU\n\n{plan}\n\n")
+        out.write(
+            f"{style.bold('kbitprep demo')}: a tiny Llama (2 layers, hidden 128), random weights, "
+            f"saved and loaded back with {plan.backend} on the CPU\n\n{plan}\n\n"
+        )
         out.flush()
 
-    result = run_demo(args.backend, upcast=args.upcast, steps=args.steps, seed=args.seed, on_plan=show_plan,
-                      progress=progress, quiet=not args.debug)
+    result = run_demo(
+        args.backend,
+        upcast=args.upcast,
+        steps=args.steps,
+        seed=args.seed,
+        on_plan=show_plan,
+        progress=progress,
+        quiet=not args.debug,
+    )
     summary = result.to_dict()
     process = _process_seconds()
     summary["seconds"]["process"] = process if process is not None else summary["seconds"]["total"]
@@ -280,13 +294,22 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     train = summary["training"]
     lines: list[str] = []
     first, last = train["first_loss"], train["last_loss"]
-    lines.append(f"{style.bold('training')}: {train['task']} ({result.steps} steps, batches of "
-                 f"{train['batch_size']} x {train['seq_len']} tokens, LoRA r={train['lora']['r']} on every linear)")
+    lines.append(
+        f"{style.bold('training')}: {train['task']} ({result.steps} steps, batches of "
+        f"{train['batch_size']} x {train['seq_len']} tokens, LoRA r={train['lora']['r']} on every linear)"
+    )
     lines.append(f"  loss           : {first:.3f} (step 1) -> {last:.3f} (step {result.steps})")
+    if result.autocast is not None:
+        lines.append(
+            f"  autocast       : {train['autocast']} "
+            f"(the upcast left fp32 and {train['autocast']} parameters side by side)"
+        )
     lines.append(f"  accuracy       : {100 * result.accuracy:.1f}% of next tokens right on 32 new sequences")
     gen_ok = result.generated == result.expected
-    lines.append(f"  sample         : {' '.join(map(str, result.prompt))} -> {' '.join(map(str, result.generated))}"
-                 + ("  (correct)" if gen_ok else f"  (expected {' '.join(map(str, result.expected))})"))
+    lines.append(
+        f"  sample         : {' '.join(map(str, result.prompt))} -> {' '.join(map(str, result.generated))}"
+        + ("  (correct)" if gen_ok else f"  (expected {' '.join(map(str, result.expected))})")
+    )
     lines.append("")
     head = "report"
     lines += [style.bold(head), "=" * len(head)]
@@ -299,23 +322,28 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     else:
         lines.append("frozen         : nothing to do (every parameter was loaded frozen)")
     if plan.to_upcast:
-        lines.append(f"upcast to fp32 : {len(plan.to_upcast)} parameters ({_count_by_kind(plan.to_upcast)}), "
-                     f"policy {plan.upcast_policy}")
+        lines.append(
+            f"upcast to fp32 : {len(plan.to_upcast)} parameters ({_count_by_kind(plan.to_upcast)}), "
+            f"policy {plan.upcast_policy}"
+        )
     else:
         lines.append(f"upcast to fp32 : nothing (policy {plan.upcast_policy})")
     if plan.quantized:
-        lines.append(f"quantized      : {len(plan.quantized)} tensors ({_count_by_kind(plan.quantized)}) "
-                     "left as stored")
+        lines.append(
+            f"quantized      : {len(plan.quantized)} tensors ({_count_by_kind(plan.quantized)}) left as stored"
+        )
     lines.append(f"checkpointing  : {plan.checkpointing.value}")
     for h in report.hooks_added or ("none added",):
         lines.append(f"hooks          : {h}")
     for f in plan.fixups:
         lines.append(f"fix-up         : {f.name}")
     status = style.green("passed") if flow.ok else style.red("FAILED")
-    zero = (f"; {len(flow.zero_grad)} are exactly zero at step 0 (lora_A: lora_B starts at zero)"
-            if flow.zero_grad else "")
-    lines.append(f"gradient flow  : {status} - {flow.with_grad} of {flow.checked} LoRA parameters got a gradient"
-                 + zero)
+    zero = (
+        f"; {len(flow.zero_grad)} are exactly zero at step 0 (lora_A: lora_B starts at zero)" if flow.zero_grad else ""
+    )
+    lines.append(
+        f"gradient flow  : {status} - {flow.with_grad} of {flow.checked} LoRA parameters got a gradient" + zero
+    )
     lines.append("")
     mem = summary["memory"]
     rows: list[list[object]] = [
@@ -327,22 +355,28 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     lines.append(table(["parameter memory (base model)", "kbitprep.prepare", "PEFT's function"], rows, right=(1, 2)))
     saved = mem["saved_bytes"]
     if saved > 0:
-        lines.append(f"kbitprep keeps {style.bold(format_bytes(saved))} less than PEFT's "
-                     f"prepare_model_for_kbit_training ({_percent(saved, peft.bytes_after)} of its parameter memory)")
+        lines.append(
+            f"kbitprep keeps {style.bold(format_bytes(saved))} less than PEFT's "
+            f"prepare_model_for_kbit_training ({_percent(saved, peft.bytes_after)} of its parameter memory)"
+        )
     elif saved == 0:
         lines.append("the same parameter memory as PEFT's prepare_model_for_kbit_training")
     else:
-        lines.append(f"{format_bytes(-saved)} more than PEFT's prepare_model_for_kbit_training "
-                     f"(policy {plan.upcast_policy})")
+        lines.append(
+            f"{format_bytes(-saved)} more than PEFT's prepare_model_for_kbit_training (policy {plan.upcast_policy})"
+        )
     if result.scheme.peft_note:
         lines.append(f"note: {result.scheme.peft_note}")
-    lines.append(f"LoRA adapters  : {result.lora_params:,} parameters, {format_bytes(result.lora_bytes)} "
-                 "(the same either way)")
+    lines.append(
+        f"LoRA adapters  : {result.lora_params:,} parameters, {format_bytes(result.lora_bytes)} (the same either way)"
+    )
     secs = summary["seconds"]
     lines.append("")
-    lines.append(f"done in {secs['process']:.1f} s (build {secs['build']:.1f} s, prepare + LoRA + check "
-                 f"{secs['prepare']:.1f} s, training {secs['train']:.1f} s; {args.threads} torch thread"
-                 f"{'s' if args.threads > 1 else ''})")
+    lines.append(
+        f"done in {secs['process']:.1f} s (build {secs['build']:.1f} s, prepare + LoRA + check "
+        f"{secs['prepare']:.1f} s, training {secs['train']:.1f} s; {args.threads} torch thread"
+        f"{'s' if args.threads > 1 else ''})"
+    )
     out.write("\n".join(lines) + "\n")
     out.flush()
     return EXIT_OK if flow.ok else EXIT_USER
@@ -372,21 +406,25 @@ def _cmd_backends(args: argparse.Namespace, out: TextIO) -> int:
     for info in infos:
         missing = info.missing()
         b = info.backend
-        entries.append({
-            "name": info.name,
-            "distribution": info.distribution,
-            "version": info.version,
-            "entry_point": info.entry_point,
-            "priority": b.priority,
-            "builtin": info.builtin,
-            "description": _one_line(getattr(b, "description", "") or ""),
-            "requires": list(b.requires),
-            "importable": not missing,
-            "missing": missing,
-            "install_hint": b.install_hint or (f"pip install {' '.join(missing)}" if missing else ""),
-        })
-    fails = [{"name": f.name, "distribution": f.distribution, "stage": f.stage, "reason": _one_line(f.reason)}
-             for f in failures]
+        entries.append(
+            {
+                "name": info.name,
+                "distribution": info.distribution,
+                "version": info.version,
+                "entry_point": info.entry_point,
+                "priority": b.priority,
+                "builtin": info.builtin,
+                "description": _one_line(getattr(b, "description", "") or ""),
+                "requires": list(b.requires),
+                "importable": not missing,
+                "missing": missing,
+                "install_hint": b.install_hint or (f"pip install {' '.join(missing)}" if missing else ""),
+            }
+        )
+    fails = [
+        {"name": f.name, "distribution": f.distribution, "stage": f.stage, "reason": _one_line(f.reason)}
+        for f in failures
+    ]
     if args.json:
         _emit_json({"command": "backends", "backends": entries, "failures": fails}, out)
         return EXIT_OK
@@ -399,8 +437,13 @@ def _cmd_backends(args: argparse.Namespace, out: TextIO) -> int:
     out.write(table(["name", "priority", "from", "importable", "description"], rows, right=(1,)) + "\n")
     if fails:
         out.write("\n" + style.red(f"{len(fails)} plugins failed to load") + "\n")
-        out.write(table(["name", "from", "stage", "reason"],
-                        [[f["name"], f["distribution"], f["stage"], f["reason"]] for f in fails]) + "\n")
+        out.write(
+            table(
+                ["name", "from", "stage", "reason"],
+                [[f["name"], f["distribution"], f["stage"], f["reason"]] for f in fails],
+            )
+            + "\n"
+        )
     else:
         out.write("\nno plugin failed to load\n")
     return EXIT_OK
@@ -422,8 +465,10 @@ def _checkpoint_dir(path: Path) -> Path:
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: not a transformers checkpoint folder")
     if not any(any(path.glob(p)) for p in _WEIGHT_PATTERNS):
-        raise UserError(f"{path} has a config.json but no weights; to plan from the config alone on the meta "
-                        f"device, pass --config {path / 'config.json'}")
+        raise UserError(
+            f"{path} has a config.json but no weights; to plan from the config alone on the meta "
+            f"device, pass --config {path / 'config.json'}"
+        )
     return path
 
 
@@ -432,8 +477,14 @@ def _dtype(text: str) -> Any:
 
     if text == "auto":
         return None
-    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-            "float32": torch.float32, "fp32": torch.float32}[text]
+    return {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }[text]
 
 
 def _checkpointing(text: str) -> bool | str:
@@ -457,8 +508,9 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 
     style = _Style(out)
     if args.path is None and args.config is None:
-        raise UserError("give a checkpoint folder (kbitprep plan PATH) or a config "
-                        "(kbitprep plan --config config.json)")
+        raise UserError(
+            "give a checkpoint folder (kbitprep plan PATH) or a config (kbitprep plan --config config.json)"
+        )
     if args.path is not None and args.config is not None:
         raise UserError("give either a checkpoint folder or --config, not both")
     scheme_name = args.quantization or "none"
@@ -469,15 +521,26 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         config = load_config(args.config)
         cfg_q = getattr(config, "quantization_config", None)
         if args.quantization is None and cfg_q:
-            raise UserError(f"{args.config} carries a quantization_config; choose the matching --quantization "
-                            f"({', '.join(SCHEMES)})")
-        meta = plan_from_config(config, scheme_name, upcast=args.upcast,
-                                checkpointing=_checkpointing(args.checkpointing), dtype=_dtype(args.dtype),
-                                source=str(args.config))
+            raise UserError(
+                f"{args.config} carries a quantization_config; choose the matching --quantization "
+                f"({', '.join(SCHEMES)})"
+            )
+        meta = plan_from_config(
+            config,
+            scheme_name,
+            upcast=args.upcast,
+            checkpointing=_checkpointing(args.checkpointing),
+            dtype=_dtype(args.dtype),
+            source=str(args.config),
+        )
         plan, peft, parameters = meta.plan, meta.peft, meta.parameters
         quantization = meta.quantization_dict()
-        source = {"mode": "config", "path": str(args.config), "quantization": scheme_name,
-                  "dtype": str(meta.dtype).removeprefix("torch.")}
+        source = {
+            "mode": "config",
+            "path": str(args.config),
+            "quantization": scheme_name,
+            "dtype": str(meta.dtype).removeprefix("torch."),
+        }
     else:
         from ._demo import check_scheme_available, load_checkpoint
 
@@ -495,29 +558,33 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
                 model = load_checkpoint(path, scheme, _dtype(args.dtype))
         except (OSError, ValueError, TypeError, RuntimeError, KeyError, ImportError) as exc:
             raise UserError(f"cannot load {path} with quantization {scheme_name}: {_one_line(exc)}") from exc
-        plan = kbit_plan(model, backend=args.backend, upcast=args.upcast,
-                         checkpointing=_checkpointing(args.checkpointing))
+        plan = kbit_plan(
+            model, backend=args.backend, upcast=args.upcast, checkpointing=_checkpointing(args.checkpointing)
+        )
         peft = peft_plan(model)
         parameters = sum(p.numel() for p in model.parameters())
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype.is_floating_point})
         source = {"mode": "checkpoint", "path": str(path), "quantization": scheme_name, "dtype": ",".join(dtypes)}
     vs = _versus_peft(plan, peft)
     if args.json:
-        _emit_json({
-            "command": "plan",
-            "source": source,
-            "parameters": parameters,
-            "plan": plan.to_dict(params=False),
-            "peft": {
-                "upcast_policy": peft.upcast_policy,
-                "checkpointing": peft.checkpointing.value,
-                "upcast": len(peft.to_upcast),
-                "bytes_after": peft.bytes_after,
-                "by_module_type": peft.by_module_type(),
+        _emit_json(
+            {
+                "command": "plan",
+                "source": source,
+                "parameters": parameters,
+                "plan": plan.to_dict(params=False),
+                "peft": {
+                    "upcast_policy": peft.upcast_policy,
+                    "checkpointing": peft.checkpointing.value,
+                    "upcast": len(peft.to_upcast),
+                    "bytes_after": peft.bytes_after,
+                    "by_module_type": peft.by_module_type(),
+                },
+                "versus_peft": vs,
+                "quantization": quantization,
             },
-            "versus_peft": vs,
-            "quantization": quantization,
-        }, out)
+            out,
+        )
         return EXIT_OK
     lines = [str(plan)]
     if quantization is not None and quantization["quantized_layers"]:
@@ -538,13 +605,16 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     lines.append(table(["", "kbitprep", "PEFT"], rows, right=(1, 2)))
     saved = vs["saved_bytes"]
     if saved > 0:
-        lines.append(f"kbitprep keeps {style.bold(format_bytes(saved))} less ({_percent(saved, peft.bytes_after)} of "
-                     "PEFT's parameter memory)")
+        lines.append(
+            f"kbitprep keeps {style.bold(format_bytes(saved))} less ({_percent(saved, peft.bytes_after)} of "
+            "PEFT's parameter memory)"
+        )
     elif saved < 0:
         lines.append(f"kbitprep keeps {format_bytes(-saved)} more (upcast policy {plan.upcast_policy})")
     else:
         lines.append("the same parameter memory as PEFT")
-    note = SCHEMES[scheme_name].peft_note if quantization is not None else ""
+    scheme = SCHEMES[scheme_name]
+    note = scheme.peft_note if plan.backend == scheme.backend else ""
     if note:
         lines.append(f"note: {note}")
     out.write("\n".join(lines) + "\n")
@@ -562,44 +632,75 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout (keys: see docs/cli.md)")
     common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
-    parser = _Parser(prog="kbitprep", description="Prepare quantized transformers models for LoRA/QLoRA training.",
-                     parents=[common])
+    parser = _Parser(
+        prog="kbitprep", description="Prepare quantized transformers models for LoRA/QLoRA training.", parents=[common]
+    )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"kbitprep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     upcast_help = "upcast policy: " + "; ".join(f"{k}: {v}" for k, v in UPCAST_POLICIES.items())
-    demo = sub.add_parser("demo", parents=[common], help="quantize, plan, prepare and LoRA-train a tiny built-in model",
-                          description="The main job on a built-in tiny Llama: quantize on the CPU, plan, prepare, "
-                                      "attach LoRA, train on a counting task, report. Downloads nothing.")
-    demo.add_argument("--backend", default="bnb-4bit",
-                      help="bnb-4bit (default), bnb-8bit, hqq, torchao, quanto or unquantized")
-    demo.add_argument("--upcast", choices=list(UPCAST_POLICIES), default=None,
-                      help=upcast_help + " (default: the backend's, none)")
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="quantize, plan, prepare and LoRA-train a tiny built-in model",
+        description="The main job on a built-in tiny Llama: quantize on the CPU, plan, prepare, "
+        "attach LoRA, train on a counting task, report. Downloads nothing.",
+    )
+    demo.add_argument(
+        "--backend", default="bnb-4bit", help="bnb-4bit (default), bnb-8bit, hqq, torchao, quanto or unquantized"
+    )
+    demo.add_argument(
+        "--upcast", choices=list(UPCAST_POLICIES), default=None, help=upcast_help + " (default: the backend's, none)"
+    )
     demo.add_argument("--steps", type=_steps, default=40, help="training steps (default 40)")
     demo.add_argument("--seed", type=_int, default=0, help="seed for weights, data and LoRA (default 0)")
-    demo.add_argument("--threads", type=_threads, default=1,
-                      help="torch CPU threads (default 1: the model is too small to gain from more)")
+    demo.add_argument(
+        "--threads",
+        type=_threads,
+        default=1,
+        help="torch CPU threads (default 1: the model is too small to gain from more)",
+    )
 
-    sub.add_parser("backends", parents=[common], help="list registered backends and plugins that failed to load",
-                   description="Every registered backend with its distribution, version, priority and whether "
-                               "its packages import; then every plugin that failed to load.")
+    sub.add_parser(
+        "backends",
+        parents=[common],
+        help="list registered backends and plugins that failed to load",
+        description="Every registered backend with its distribution, version, priority and whether "
+        "its packages import; then every plugin that failed to load.",
+    )
 
-    plan = sub.add_parser("plan", parents=[common], help="plan a local checkpoint, or a config on the meta device",
-                          description="Print what kbitprep.prepare would do to a local checkpoint (loaded, "
-                                      "optionally quantized), or to the model a config.json describes (built on the "
-                                      "meta device: no weights are allocated), against PEFT's function.")
+    plan = sub.add_parser(
+        "plan",
+        parents=[common],
+        help="plan a local checkpoint, or a config on the meta device",
+        description="Print what kbitprep.prepare would do to a local checkpoint (loaded, "
+        "optionally quantized), or to the model a config.json describes (built on the "
+        "meta device: no weights are allocated), against PEFT's function.",
+    )
     plan.add_argument("path", nargs="?", help="a local checkpoint folder (config.json and weights)")
     plan.add_argument("--config", help="plan from this config.json on the meta device instead of loading weights")
-    plan.add_argument("--quantization", choices=list(SCHEMES), default=None,
-                      help="load (or size) the model with this quantization (default: none, as saved)")
+    plan.add_argument(
+        "--quantization",
+        choices=list(SCHEMES),
+        default=None,
+        help="load (or size) the model with this quantization (default: none, as saved)",
+    )
     plan.add_argument("--backend", default=None, help="force this backend instead of detecting it")
     plan.add_argument("--upcast", choices=list(UPCAST_POLICIES), default=None, help=upcast_help)
-    plan.add_argument("--checkpointing", choices=["on", "off", "reentrant", "non_reentrant"], default="on",
-                      help="on: the backend's default mode (default)")
-    plan.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                      help="float dtype to load or plan in (default: the checkpoint's / config's)")
+    plan.add_argument(
+        "--checkpointing",
+        choices=["on", "off", "reentrant", "non_reentrant"],
+        default="on",
+        help="on: the backend's default mode (default)",
+    )
+    plan.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="float dtype to load or plan in (default: the checkpoint's / config's)",
+    )
     return parser
 
 

@@ -80,7 +80,10 @@ def test_quick_benchmark(tmp_path: Path) -> None:
     steps = 3
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--steps", str(steps), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=1200, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "cpu-quick.json").read_text())
@@ -94,8 +97,9 @@ def test_quick_benchmark(tmp_path: Path) -> None:
 
 def test_cuda_mode_refuses_without_a_gpu_and_dry_runs(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    proc = subprocess.run([sys.executable, str(BENCH), "--cuda", "--dry-run"], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--cuda", "--dry-run"], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     one_b, eight_b = report["models"]["llama-3.2-1b"], report["models"]["llama-3.1-8b"]
@@ -111,7 +115,12 @@ def test_cuda_mode_refuses_without_a_gpu_and_dry_runs(tmp_path: Path) -> None:
     except ImportError:  # pragma: no cover
         has_gpu = False
     if not has_gpu:
-        run = subprocess.run([sys.executable, str(BENCH), "--cuda", "--out", str(tmp_path)], capture_output=True,
-                             text=True, timeout=600, cwd=ROOT)
+        run = subprocess.run(
+            [sys.executable, str(BENCH), "--cuda", "--out", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
         assert run.returncode == 2 and "needs a GPU" in run.stderr
         assert not list(tmp_path.iterdir())

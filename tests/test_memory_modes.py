@@ -118,8 +118,12 @@ def test_chunked_head_model_loss_and_grads_equal_plain(dtype: torch.dtype) -> No
     assert loss_c == pytest.approx(loss_p, rel=TOL[dtype]["rtol"], abs=TOL[dtype]["atol"])
     assert grads_c.keys() == grads_p.keys() and grads_c
     for name in grads_p:
-        torch.testing.assert_close(grads_c[name], grads_p[name], rtol=0.05 if dtype == torch.bfloat16 else 1e-4,
-                                   atol=2e-3 if dtype == torch.bfloat16 else 1e-6)
+        torch.testing.assert_close(
+            grads_c[name],
+            grads_p[name],
+            rtol=0.05 if dtype == torch.bfloat16 else 1e-4,
+            atol=2e-3 if dtype == torch.bfloat16 else 1e-6,
+        )
 
 
 def test_chunked_head_honours_num_items_in_batch() -> None:
@@ -173,8 +177,11 @@ def test_switching_needs_an_installed_mode() -> None:
         set_memory_modes(model, chunked_head=True)
 
 
-@pytest.mark.parametrize("memory", ["chunked_head", "offload", "lowest", {"chunked_head": 8, "offload": True}],
-                         ids=["chunked_head", "offload", "lowest", "mapping"])
+@pytest.mark.parametrize(
+    "memory",
+    ["chunked_head", "offload", "lowest", {"chunked_head": 8, "offload": True}],
+    ids=["chunked_head", "offload", "lowest", "mapping"],
+)
 def test_undo_is_exact_with_modes_on(memory: object) -> None:
     model = tiny_llama(torch.bfloat16)
     before = model_state(model)
@@ -217,8 +224,10 @@ def test_lowest_preset_trains_through_peft() -> None:
         model = tiny_llama(torch.bfloat16)
         kbitprep.prepare(model, memory=memory)
         torch.manual_seed(0)
-        lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                          lora_dropout=0.0, task_type="CAUSAL_LM"))
+        lora = peft.get_peft_model(
+            model,
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"),
+        )
         # PeftModel -> LoraModel.forward -> the base model's (patched) forward; Trainer reads its signature
         assert "labels" in inspect.signature(lora.base_model.model.forward).parameters
         opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
@@ -258,8 +267,16 @@ def test_adapter_on_lm_head_falls_back_to_full_logits() -> None:
 
 def test_logit_softcapping_model_falls_back_with_a_warning() -> None:
     torch.manual_seed(0)
-    cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, vocab_size=256, final_logit_softcapping=30.0)
+    cfg = Gemma2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        final_logit_softcapping=30.0,
+    )
     model = Gemma2ForCausalLM(cfg)
     reference = copy.deepcopy(model)
     kbitprep.prepare(reference)

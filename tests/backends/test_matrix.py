@@ -146,6 +146,8 @@ def test_parity_with_peft(case: BackendCase) -> None:
         with pytest.raises(Exception, match=case.peft_fails):
             peft_prepare(theirs)
         kbitprep.prepare_model_for_kbit_training(ours)  # must succeed where PEFT crashes
+        with torch.no_grad():  # ... and leave a model whose forward works
+            assert math.isfinite(ours(**batch(vocab=ours.config.vocab_size)).loss.item())
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

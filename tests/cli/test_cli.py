@@ -69,6 +69,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _run(args: tuple[str, ...], env: dict[str, str], measure_rss: bool = False) -> Run:
     cmd = [sys.executable, "-m", "kbitprep", *args]
+    if args == ("--version",):  # the installed console script, once
+        cmd = [str(Path(sys.executable).with_name("kbitprep")), *args]
     if not measure_rss:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         return Run(args, p.returncode, p.stdout, p.stderr)
@@ -96,9 +98,17 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     ckpt = root / "tiny-llama"
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
-                     ).to(torch.bfloat16).save_pretrained(ckpt)
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            tie_word_embeddings=False,
+        )
+    ).to(torch.bfloat16).save_pretrained(ckpt)
     weightless = root / "weightless"
     weightless.mkdir()
     (weightless / "config.json").write_text((ckpt / "config.json").read_text())
@@ -132,7 +142,7 @@ def _commands(f: dict[str, Path]) -> dict[str, tuple[tuple[str, ...], dict[str, 
     plugins = _env(PYTHONPATH=os.pathsep.join([str(f["no_hqq"]), str(f["broken_dist"]), str(f["good_dist"])]))
     c: dict[str, tuple[tuple[str, ...], dict[str, str], bool]] = {
         "demo_json": (("demo", "--steps", "12", "--json"), plain, False),
-        "demo_text": (("demo", "--steps", "3"), plain, False),
+        "demo_text": (("demo", "--steps", "3", "--upcast", "norms"), plain, False),
         "backends_json": (("backends", "--json"), plugins, False),
         "backends_text": (("backends",), plugins, False),
         "plan_ckpt_json": (("plan", str(f["ckpt"]), "--quantization", "bnb-4bit", "--json"), plain, False),
@@ -140,10 +150,14 @@ def _commands(f: dict[str, Path]) -> dict[str, tuple[tuple[str, ...], dict[str, 
         "plan_70b": (("plan", "--config", str(f["llama70b"]), "--quantization", "bnb-4bit", "--json"), plain, True),
         "plan_70b_text": (("plan", "--config", str(f["llama70b"]), "--quantization", "bnb-4bit"), plain, False),
         "debug_traceback": (("plan", str(f["ckpt"] / "missing"), "--debug"), plain, False),
+        "console_script": (("--version",), plain, False),
     }
     for name, (args, env) in BAD_INPUTS.items():
-        c[name] = (tuple(a.format(**{k: str(v) for k, v in f.items()}) for a in args),
-                   no_hqq if env == "no_hqq" else plain, False)
+        c[name] = (
+            tuple(a.format(**{k: str(v) for k, v in f.items()}) for a in args),
+            no_hqq if env == "no_hqq" else plain,
+            False,
+        )
     return c
 
 
@@ -186,18 +200,44 @@ MORE_BAD_INPUTS: dict[str, tuple[tuple[str, ...], int, str]] = {
     "no_model_type": (("plan", "--config", "{no_model_type}"), 1, 'no "model_type"'),
     "unbuildable_config": (("plan", "--config", "{unbuildable}"), 1, "cannot build a llama model from this config"),
     "quantized_config": (("plan", "--config", "{quantized_config}"), 1, "carries a quantization_config"),
-    "upcast_refused": (("plan", "--config", "{llama70b}", "--quantization", "hqq-4bit", "--upcast", "all"), 1,
-                       "not allowed for this backend"),
+    "upcast_refused": (
+        ("plan", "--config", "{llama70b}", "--quantization", "hqq-4bit", "--upcast", "all"),
+        1,
+        "not allowed for this backend",
+    ),
     "bad_seed": (("demo", "--seed", "x"), 2, "expected a whole number"),
     "unknown_command": (("frobnicate",), 2, "invalid choice: 'frobnicate'"),
 }
 
 
+#: Which commands each (non-parametrized) test reads.
+USES: dict[str, tuple[str, ...]] = {
+    "test_debug_shows_the_traceback": ("debug_traceback",),
+    "test_console_script": ("console_script",),
+    "test_demo_json": ("demo_json",),
+    "test_demo_text": ("demo_text",),
+    "test_backends_json": ("backends_json",),
+    "test_backends_text": ("backends_text",),
+    "test_plan_checkpoint_json": ("plan_ckpt_json",),
+    "test_plan_checkpoint_text": ("plan_ckpt_text",),
+    "test_plan_70b_config_on_the_meta_device": ("plan_70b",),
+    "test_plan_70b_text": ("plan_70b_text",),
+}
+
+
 @pytest.fixture(scope="module")
-def runs(files: dict[str, Path]) -> dict[str, Callable[[], Run]]:
-    """Launch every command now, three at a time; each test waits for the one it checks."""
+def runs(request: pytest.FixtureRequest, files: dict[str, Path]) -> dict[str, Callable[[], Run]]:
+    """Launch the commands the selected tests need, now, three at a time; each test waits for its own."""
+    needed: set[str] = set()
+    for item in request.session.items:
+        if getattr(item, "module", None) is not sys.modules[__name__]:
+            continue
+        name = getattr(item, "originalname", "")
+        if name == "test_bad_input_is_one_line_without_traceback":
+            needed.add(item.callspec.params["name"])  # type: ignore[attr-defined]
+        needed.update(USES.get(name, ()))
+    commands = {n: c for n, c in _commands(files).items() if n in needed}
     pool = ThreadPoolExecutor(max_workers=3)
-    commands = _commands(files)
     # the slow ones first, so the quick error cases fill the gaps
     order = sorted(commands, key=lambda n: not n.startswith(("demo_json", "demo_text", "plan_70b", "plan_ckpt")))
     futures: dict[str, Future[Run]] = {n: pool.submit(_run, *commands[n]) for n in order}
@@ -238,11 +278,33 @@ def test_help_and_version_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--quantization" in out and "kbitprep" in out
 
 
+class _Tty:
+    def isatty(self) -> bool:
+        return True
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kbitprep.cli import _Style
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert _Style(_Tty()).bold("x") == "\033[1mx\033[0m"  # type: ignore[arg-type]
+    assert _Style(sys.stdout).bold("x") == "x"  # captured by pytest: not a terminal
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert _Style(_Tty()).bold("x") == "x"  # type: ignore[arg-type]
+
+
 def test_debug_shows_the_traceback(runs: dict[str, Callable[[], Run]]) -> None:
     run = runs["debug_traceback"]()
     assert run.returncode == 1
     assert "Traceback (most recent call last)" in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("kbitprep: error: no such file or directory")
+
+
+def test_console_script(runs: dict[str, Callable[[], Run]]) -> None:
+    run = runs["console_script"]()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"kbitprep {metadata.version('kbitprep')}"
 
 
 # --------------------------------------------------------------------------- demo
@@ -257,6 +319,7 @@ def _demo_bf16_elements() -> tuple[int, int]:
     return plain, len(LORA_TARGETS) * c.num_hidden_layers
 
 
+@pytest.mark.slow
 def test_demo_json(runs: dict[str, Callable[[], Run]]) -> None:
     run = runs["demo_json"]()
     assert run.returncode == 0, run.stderr
@@ -284,14 +347,27 @@ def test_demo_json(runs: dict[str, Callable[[], Run]]) -> None:
     assert set(d["seconds"]) >= {"build", "prepare", "train", "total", "process"}
 
 
+@pytest.mark.slow
 def test_demo_text(runs: dict[str, Callable[[], Run]]) -> None:
     run = runs["demo_text"]()
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert "\033[" not in out, "no colour when stdout is not a terminal"
-    for expected in ("kbitprep plan for", "backend        : bnb-4bit", "Linear4bit", "loss           :",
-                     "gradient flow  : passed", "parameter memory (base model)", "PEFT's function",
-                     "kbitprep keeps", "LoRA adapters"):
+    for expected in (
+        "kbitprep plan for",
+        "backend        : bnb-4bit",
+        "Linear4bit",
+        "loss           :",
+        "gradient flow  : passed",
+        "parameter memory (base model)",
+        "PEFT's function",
+        "kbitprep keeps",
+        "LoRA adapters",
+        # --upcast norms: the QLoRA recipe; fp32 norms beside a bf16 lm_head need autocast to run
+        "upcast policy  : norms",
+        "upcast to fp32 : 5 parameters (5 LlamaRMSNorm), policy norms",
+        "autocast       : bfloat16",
+    ):
         assert expected in out, expected
     assert "LoRA training" in run.stderr, "the progress bar is drawn on stderr"
     assert "GPT-QModel" not in out + run.stderr
@@ -301,8 +377,11 @@ def test_demo_text(runs: dict[str, Callable[[], Run]]) -> None:
 
 
 def _builtin_names() -> set[str]:
-    return {ep.name for ep in metadata.entry_points(group="kbitprep.backends")
-            if ep.dist is not None and ep.dist.metadata["Name"] == "kbitprep"}
+    return {
+        ep.name
+        for ep in metadata.entry_points(group="kbitprep.backends")
+        if ep.dist is not None and ep.dist.metadata["Name"] == "kbitprep"
+    }
 
 
 def test_backends_json(runs: dict[str, Callable[[], Run]]) -> None:
@@ -341,6 +420,7 @@ def test_backends_text(runs: dict[str, Callable[[], Run]]) -> None:
 # --------------------------------------------------------------------------- plan
 
 
+@pytest.mark.slow
 def test_plan_checkpoint_json(runs: dict[str, Callable[[], Run]]) -> None:
     run = runs["plan_ckpt_json"]()
     assert run.returncode == 0, run.stderr
@@ -360,11 +440,18 @@ def test_plan_checkpoint_json(runs: dict[str, Callable[[], Run]]) -> None:
     assert d["quantization"] is None
 
 
+@pytest.mark.slow
 def test_plan_checkpoint_text(runs: dict[str, Callable[[], Run]]) -> None:
     run = runs["plan_ckpt_text"]()
     assert run.returncode == 0, run.stderr
-    for expected in ("backend        : bnb-4bit", "module type", "Linear4bit", "checkpointing  : reentrant",
-                     "versus PEFT's prepare_model_for_kbit_training", "kbitprep keeps"):
+    for expected in (
+        "backend        : bnb-4bit",
+        "module type",
+        "Linear4bit",
+        "checkpointing  : reentrant",
+        "versus PEFT's prepare_model_for_kbit_training",
+        "kbitprep keeps",
+    ):
         assert expected in run.stdout, expected
 
 
@@ -375,6 +462,7 @@ def _nf4_bytes(out: int, inp: int) -> int:
     return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 + 64 + 1024
 
 
+@pytest.mark.slow
 def test_plan_70b_config_on_the_meta_device(runs: dict[str, Callable[[], Run]]) -> None:
     run = runs["plan_70b"]()
     assert run.returncode == 0, run.stderr
@@ -395,12 +483,17 @@ def test_plan_70b_config_on_the_meta_device(runs: dict[str, Callable[[], Run]]) 
     assert d["plan"]["totals"]["bytes_before"] == d["plan"]["totals"]["bytes_after"] == quantized + 2 * plain
     assert d["plan"]["backend"] == "bnb-4bit"
     assert d["versus_peft"]["peft_bytes"] == quantized + 4 * plain
-    assert d["source"] == {"mode": "config", "path": d["source"]["path"], "quantization": "bnb-4bit",
-                           "dtype": "bfloat16"}
+    assert d["source"] == {
+        "mode": "config",
+        "path": d["source"]["path"],
+        "quantization": "bnb-4bit",
+        "dtype": "bfloat16",
+    }
     # No weight memory: the child's peak RSS stays far below even the quantized weights (~36 GiB).
     assert 0 < run.max_rss < META_RSS_LIMIT, run.max_rss
 
 
+@pytest.mark.slow
 def test_plan_70b_text(runs: dict[str, Callable[[], Run]]) -> None:
     run = runs["plan_70b_text"]()
     assert run.returncode == 0, run.stderr

@@ -83,8 +83,12 @@ def test_formula_equals_what_the_library_stores(scheme: str) -> None:
     model = _loaded(scheme)
     f = torch.empty((), dtype=torch.bfloat16).element_size()
     mods = dict(model.named_modules())
-    converted = [n for n, m in mods.items() if type(m).__name__ == s.module_class and (
-        s.module_class != "Linear" or type(m.weight.data) is not torch.Tensor)]
+    converted = [
+        n
+        for n, m in mods.items()
+        if type(m).__name__ == s.module_class
+        and (s.module_class != "Linear" or type(m.weight.data) is not torch.Tensor)
+    ]
     assert converted, f"{scheme}: no converted layers found"
     meta = kbitprep._metaplan.build_meta_model(demo_config(), torch.bfloat16)  # type: ignore[attr-defined]
     assert sorted(converted) == sorted(converted_linears(meta))
@@ -115,7 +119,11 @@ def test_plan_from_config_agrees_with_plan_of_loaded_model(scheme: str) -> None:
     for name, p in plain_meta.items():
         r = plain_real[name]
         assert (p.dtype_before, p.dtype_after, p.bytes_before, p.bytes_after) == (
-            r.dtype_before, r.dtype_after, r.bytes_before, r.bytes_after), name
+            r.dtype_before,
+            r.dtype_after,
+            r.bytes_before,
+            r.bytes_after,
+        ), name
         assert (p.requires_grad_before, p.requires_grad_after) == (r.requires_grad_before, r.requires_grad_after), name
     assert len(meta.plan.to_freeze) == len(real.to_freeze)
     # PEFT's rules: the same parameters upcast
