@@ -355,8 +355,7 @@ def build_plan(
     adapters = _adapter_param_ids(model)
     # PEFT's function raises on a half-dtype tensor subclass it tries to cast (optimum-quanto)
     peft_would_crash = peft_compat and any(
-        not is_plain_tensor(p) and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit"
-        for _, _, p, _ in unique
+        not is_plain_tensor(p) and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit" for _, _, p, _ in unique
     )
     params: list[ParamPlan] = []
     any_float = False
@@ -366,9 +365,9 @@ def build_plan(
         plain = is_plain_tensor(p)
         any_float = any_float or (plain and p.dtype.is_floating_point)
         if peft_compat:  # PEFT's rule; where PEFT would crash, the backend's allow_upcast decides
-            eligible = (
-                plain and not adapter and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit"
-            ) and (decl.allow_upcast or not peft_would_crash)
+            eligible = (plain and not adapter and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit") and (
+                decl.allow_upcast or not peft_would_crash
+            )
         else:
             eligible = plain and not quantized and not adapter and p.dtype in HALF_DTYPES and decl.allow_upcast
         dtype_after = torch.float32 if eligible and wants(name, p, owner) else p.dtype

@@ -49,7 +49,7 @@ from ._tensors import storage_digest
 from .errors import AlreadyPreparedWarning, NotTrainableError
 from .plugin import Backend, CheckpointMode, Declarations, Detection, FixUp, missing_packages
 
-__all__ = ["BackendContract", "contract_problems", "model_state", "tiny_causal_lm"]
+__all__ = ["BackendContract", "contract_problems", "model_state", "tiny_causal_lm", "tiny_llama_config"]
 
 _SIMPLE = (bool, int, float, str, type(None))
 _INSTANCES: dict[type, Backend] = {}
@@ -138,22 +138,35 @@ def tiny_causal_lm(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Mod
         >>> type(model).__name__, next(model.parameters()).dtype
         ('LlamaForCausalLM', torch.bfloat16)
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model: nn.Module = LlamaForCausalLM(config)
+        model: nn.Module = LlamaForCausalLM(tiny_llama_config())
     return nn.Module.to(model, dtype)
+
+
+def tiny_llama_config(**overrides: Any) -> Any:
+    """The ``LlamaConfig`` of :func:`tiny_causal_lm` (2 layers, hidden 64, vocabulary 256), with ``overrides``.
+
+    Example:
+        >>> tiny_llama_config(num_hidden_layers=1).num_hidden_layers
+        1
+    """
+    from transformers import LlamaConfig
+
+    settings: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+    }
+    settings.update(overrides)
+    return LlamaConfig(**settings)
 
 
 def _skip(reason: str) -> None:

@@ -9,23 +9,14 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kbitprep import testing
+
 _CACHE = Path(tempfile.mkdtemp(prefix="kbitprep-tiny-"))
 
 
 def tiny_llama_config(**overrides: object) -> LlamaConfig:
     """A 2-layer Llama config small enough for CPU tests (about 0.1 M parameters)."""
-    kw: dict[str, object] = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    kw.update(overrides)
-    return LlamaConfig(**kw)
+    return testing.tiny_llama_config(**overrides)
 
 
 def tiny_llama(dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides: object) -> LlamaForCausalLM:

@@ -93,22 +93,14 @@ def _run(args: tuple[str, ...], env: dict[str, str], measure_rss: bool = False) 
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Inputs for the commands: a tiny checkpoint, configs good and bad, an hqq blocker, plugin distributions."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from kbitprep.testing import tiny_llama_config
 
     root = tmp_path_factory.mktemp("cli")
     ckpt = root / "tiny-llama"
     torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            tie_word_embeddings=False,
-        )
-    ).to(torch.bfloat16).save_pretrained(ckpt)
+    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(ckpt)
     weightless = root / "weightless"
     weightless.mkdir()
     (weightless / "config.json").write_text((ckpt / "config.json").read_text())
