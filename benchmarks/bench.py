@@ -188,6 +188,7 @@ MODES: dict[str, dict[str, Any]] = {
     },
 }
 
+MMAP_THRESHOLD = 65536
 LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 LEARNING_RATE = 1e-4
 SEED = 1234
@@ -242,7 +243,10 @@ def _config(model: str) -> Any:
 
 
 def child_build(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build a model with random weights from its config (bf16), save it, report its size."""
+    """Build a model with random weights from its config (bf16), save it, report its size.
+
+    Saved in bf16 whatever the compute dtype: an fp16 run reloads it in fp16 (same random draws).
+    """
     import torch
     from transformers import LlamaForCausalLM
 
@@ -264,7 +268,6 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(spec: dict[str, Any]) -> Any:
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
 
     backend = spec["backend"]
@@ -273,7 +276,7 @@ def _load(spec: dict[str, Any]) -> Any:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=_dtype(spec),
         )
     elif backend == "torchao-int8":
         from torchao.quantization import Int8WeightOnlyConfig
@@ -281,10 +284,17 @@ def _load(spec: dict[str, Any]) -> Any:
         qc = TorchAoConfig(Int8WeightOnlyConfig())
     else:
         raise SystemExit(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    kwargs: dict[str, Any] = {"quantization_config": qc, "dtype": torch.bfloat16}
+    kwargs: dict[str, Any] = {"quantization_config": qc, "dtype": _dtype(spec)}
     if spec["device"] == "cuda":
         kwargs["device_map"] = {"": 0}
     return AutoModelForCausalLM.from_pretrained(spec["path"], **kwargs)
+
+
+def _dtype(spec: dict[str, Any]) -> Any:
+    """The compute dtype: the dtype non-quantized weights are loaded in, bnb computes in, and autocast uses."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[spec.get("compute", "bf16")]
 
 
 def _param_bytes(model: Any) -> int:
@@ -382,12 +392,16 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
     losses: list[float] = []
     times: list[float] = []
     logits_none = []
+    dtype = _dtype(spec)
+    # fp16 needs loss scaling (what Trainer's fp16=True does); bf16 does not
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     for b in batches:
         t0 = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             result = model(**b)
-        result.loss.backward()
-        opt.step()
+        scaler.scale(result.loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
@@ -437,6 +451,10 @@ def _run_child(what: str, spec: dict[str, Any], workdir: Path, timeout: float) -
     env.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])
+    if spec.get("device") == "cpu":
+        # glibc returns blocks of 64 KiB and more to the system as soon as they are freed, so the RSS peak
+        # follows the live tensors instead of the allocator's fragmentation (which differs run to run)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     started = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -518,11 +536,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"- command: `{meta['command']}`",
         f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         f"- setup: LoRA r={LORA['r']} on all linear layers (attached after prepare), AdamW (lr {LEARNING_RATE}), "
-        f"bf16 autocast, seed {SEED}, labels = inputs with the first {IGNORED_PREFIX} tokens of a row ignored; "
+        f"{meta.get('compute', 'bf16')} autocast, seed {SEED}, labels = inputs with the first {IGNORED_PREFIX} "
+        "tokens of a row ignored; "
         "one process per variant, run one after another"
         if meta.get("jobs", 1) == 1
         else f"- setup: LoRA r={LORA['r']} on all linear layers (attached after prepare), AdamW (lr {LEARNING_RATE}), "
-        f"bf16 autocast, seed {SEED}, labels = inputs with the first {IGNORED_PREFIX} tokens of a row ignored; "
+        f"{meta.get('compute', 'bf16')} autocast, seed {SEED}, labels = inputs with the first {IGNORED_PREFIX} "
+        "tokens of a row ignored; "
         f"one process per variant, {meta['jobs']} at a time",
         f"- peak memory: {meta['peak']}",
         "",
@@ -698,6 +718,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int)
     parser.add_argument("--jobs", type=int, help="variants run at the same time (1 for clean timings)")
     parser.add_argument("--threads", type=int, help="torch threads per variant (0: torch's default)")
+    parser.add_argument(
+        "--compute",
+        choices=("bf16", "fp16"),
+        default="bf16",
+        help="compute dtype: weights loaded in it, bnb compute dtype, autocast (fp16 with loss scaling)",
+    )
     parser.add_argument("--force-backend", help="force this kbitprep backend (allow_mismatch=True); for testing")
     parser.add_argument("--dry-run", action="store_true", help="check the setup (no model is built or trained)")
     args = parser.parse_args(argv)
@@ -748,7 +774,9 @@ def main(argv: list[str] | None = None) -> int:
             "seed": SEED,
             "jobs": conf["jobs"],
             "threads": conf["threads"],
-            "peak": "VmHWM of the variant's process, reset after load+prepare+LoRA (training only)"
+            "compute": args.compute,
+            "peak": "VmHWM of the variant's process, reset after load+prepare+LoRA (training only), "
+            f"with MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', MMAP_THRESHOLD)}"
             if conf["device"] == "cpu"
             else "torch.cuda.max_memory_allocated over the training steps",
             "forced_backend": args.force_backend,
@@ -779,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                         "batch": mc["batch"],
                         "seq": mc["seq"],
                         "steps": mc["steps"],
+                        "compute": args.compute,
                         "threads": conf["threads"],
                         "force_backend": args.force_backend,
                     }
@@ -813,8 +842,9 @@ def main(argv: list[str] | None = None) -> int:
     compare(result["runs"])
     result["meta"]["wall_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{name}.md").write_text(markdown(result))
+    stem = name if args.compute == "bf16" else f"{name}-{args.compute}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
