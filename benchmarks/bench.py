@@ -9,7 +9,7 @@ peak training memory, median step time, prepare() time, and the per-step loss di
 
 Modes::
 
-    python benchmarks/bench.py --quick     # CPU, tiny model, bnb 4-bit + torchao int8 (about a minute)
+    python benchmarks/bench.py --quick     # CPU, tiny model, bnb 4-bit + torchao int8 (1-2 minutes on 2 cores)
     python benchmarks/bench.py --cpu       # CPU, tiny and ~100M-parameter Llama-style models
     python benchmarks/bench.py --cuda      # GPU only: Llama-3.2-1B / Llama-3.1-8B architectures, bnb nf4
     python benchmarks/bench.py --cuda --dry-run   # check the CUDA setup (configs, sizes, commands) anywhere
