@@ -14,6 +14,8 @@ __all__ = [
     "BackendConflictError",
     "BackendMismatchError",
     "BackendUnavailableError",
+    "BackendWarning",
+    "CheckpointingOverrideWarning",
     "GradientFlowError",
     "InvalidModelError",
     "InvalidPolicyError",
@@ -110,3 +112,14 @@ class PluginWarning(KbitprepWarning):
 
 class AlreadyPreparedWarning(KbitprepWarning):
     """``prepare`` was called on a model kbitprep had already prepared; nothing was changed."""
+
+
+class BackendWarning(KbitprepWarning):
+    """A backend found something about the model the user should act on (shown in the plan too):
+    a quantization config that converted no layer, or a model that looks quantized but that no
+    installed backend recognises."""
+
+
+class CheckpointingOverrideWarning(KbitprepWarning):
+    """prepare changed checkpointing settings the user had enabled on the model before (the plan
+    says which, and why)."""

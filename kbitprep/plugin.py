@@ -139,6 +139,9 @@ class Declarations:
         not_trainable_reason: why not, when ``trainable`` is false (shown to the user).
         fixups: backend-specific repairs to run during prepare.
         notes: remarks shown with the plan (known traps, choices made).
+        warnings: problems the user must act on (a quantization config that converted no layer, a
+            model that looks quantized but is not recognised). Shown with the plan's notes, and the
+            core raises each once as a :class:`~kbitprep.errors.BackendWarning` when the plan is made.
     """
 
     quantized: frozenset[str] = frozenset()
@@ -152,6 +155,7 @@ class Declarations:
     not_trainable_reason: str = ""
     fixups: tuple[FixUp, ...] = ()
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     def problems(self) -> list[str]:
         """Return the ways these declarations contradict themselves (empty when consistent)."""
@@ -179,6 +183,10 @@ class Declarations:
             found.append("trainable is False but not_trainable_reason is empty")
         if self.trainable and self.not_trainable_reason:
             found.append("not_trainable_reason is set but trainable is True")
+        for field_name in ("notes", "warnings"):
+            value = getattr(self, field_name)
+            if isinstance(value, str) or not all(isinstance(n, str) for n in value):
+                found.append(f"{field_name} must be a tuple of strings")
         if not all(isinstance(f, FixUp) for f in self.fixups):
             found.append("fixups must be FixUp instances")
         return found
