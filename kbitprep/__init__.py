@@ -15,6 +15,8 @@ plugins found through the ``kbitprep.backends`` entry-point group; see :mod:`kbi
 
 from __future__ import annotations
 
+import logging as _logging
+
 from . import errors
 from ._api import plan, prepare, prepare_model_for_kbit_training, report, undo
 from ._fsdp import FsdpSetting, FsdpWarning, detect_fsdp
@@ -59,6 +61,10 @@ from .plugin import Backend, CheckpointMode, Declarations, Detection, FixUp
 
 __version__ = "0.1.0"
 
+# Silent by default, like other libraries: what prepare did and why is logged at INFO, diagnosis at
+# DEBUG, under the "kbitprep" logger; configure logging (or use the CLI's -v) to see it.
+_logging.getLogger("kbitprep").addHandler(_logging.NullHandler())
+
 
 def register(backend: Backend | type[Backend], *, replace: bool = False) -> Backend:
     """Register a backend in the process-wide registry by hand (tests, notebooks); see :meth:`Registry.register`."""
@@ -91,9 +97,9 @@ __all__ = [
     "BackendMismatchError",
     "BackendUnavailableError",
     "BackendWarning",
-    "CheckpointingOverrideWarning",
     "CheckpointMode",
     "CheckpointingConflictWarning",
+    "CheckpointingOverrideWarning",
     "CheckpointingStatus",
     "Declarations",
     "Detection",

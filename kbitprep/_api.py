@@ -10,7 +10,7 @@ from torch import nn
 
 from ._gradflow import verify_gradient_flow
 from ._memory import MemoryChoice
-from ._mutation import Report, apply_plan, prepared_state
+from ._mutation import Report, apply_plan, model_lock, prepared_state
 from ._mutation import undo as _undo
 from ._planning import Plan, build_plan
 from ._policies import UpcastPolicy
@@ -166,36 +166,38 @@ def prepare(
     """
     _check_module(model)
     _reject_unknown("prepare", unknown, _PREPARE_KEYWORDS)
-    if prepared_state(model) is not None:
+    if plan is not None and not isinstance(plan, Plan):
+        raise InvalidPolicyError(f"plan= takes a kbitprep.Plan made by kbitprep.plan(model), got {type(plan).__name__}")
+    with model_lock(model):  # a second thread waits, then finds the model prepared (a no-op)
         state = prepared_state(model)
-        assert state is not None
-        warnings.warn(
-            f"kbitprep: this model is already prepared (backend {state.report.plan.backend!r}); nothing was changed. "
-            "Call kbitprep.undo(model) first to prepare it differently",
-            AlreadyPreparedWarning,
-            stacklevel=2,
-        )
-        return model
-    with strict_mode(strict):
-        if plan is None:
-            plan = build_plan(
-                model,
-                backend=backend,
-                upcast=upcast,
-                checkpointing=checkpointing,
-                checkpointing_kwargs=checkpointing_kwargs,
-                allow_mismatch=allow_mismatch,
-                registry=registry,
-                memory=memory,
-                fsdp=fsdp,
+        if state is not None:
+            warnings.warn(
+                f"kbitprep: this model is already prepared (backend {state.report.plan.backend!r}); nothing was "
+                "changed. Call kbitprep.undo(model) first to prepare it differently",
+                AlreadyPreparedWarning,
+                stacklevel=2,
             )
-        apply_plan(model, plan)
-    if verify:
-        try:
-            verify_gradient_flow(model)
-        except BaseException:
-            _undo(model)
-            raise
+            return model
+        with strict_mode(strict):
+            if plan is None:
+                plan = build_plan(
+                    model,
+                    backend=backend,
+                    upcast=upcast,
+                    checkpointing=checkpointing,
+                    checkpointing_kwargs=checkpointing_kwargs,
+                    allow_mismatch=allow_mismatch,
+                    registry=registry,
+                    memory=memory,
+                    fsdp=fsdp,
+                )
+            apply_plan(model, plan)
+        if verify:
+            try:
+                verify_gradient_flow(model)
+            except BaseException:
+                _undo(model)
+                raise
     return model
 
 
@@ -222,7 +224,8 @@ def undo(model: M) -> M:
         NotPreparedError: the model was not prepared by kbitprep.
     """
     _check_module(model)
-    _undo(model)
+    with model_lock(model):
+        _undo(model)
     return model
 
 
@@ -241,9 +244,10 @@ def prepare_model_for_kbit_training(
     checkpointing state match it, and an input-require-grads hook is present exactly when PEFT's
     function leaves one. Differences, all deliberate: it never stacks a second input-grads hook
     (PEFT with transformers 5 leaves two identical ones), it always passes ``use_reentrant``
-    explicitly (the value PEFT's empty kwargs mean: ``True``), it never casts quantized tensor
-    subclasses (where PEFT crashes, e.g. optimum-quanto; on such models it follows the backend's
-    ``allow_upcast``, so the forward keeps working), it does not re-freeze the adapters of a
+    explicitly (the value PEFT's empty kwargs mean: ``True``), it casts quantized tensor subclasses
+    only where that cast succeeds (torchao's: only their scales change; where it raises, as with
+    optimum-quanto, it follows the backend's ``allow_upcast``, so the forward keeps working), it
+    leaves ``use_cache`` alone as PEFT does, it does not re-freeze the adapters of a
     PEFT-wrapped model, calling it twice is a no-op, and :func:`undo` reverts it. A model whose
     backend declares it untrainable (e.g. AQLM 8-bit codebooks on CPU) raises
     :class:`~kbitprep.errors.NotTrainableError` up front, where PEFT's function returns a model that
@@ -253,8 +257,18 @@ def prepare_model_for_kbit_training(
     backend), call :func:`prepare` instead.
     """
     _check_module(model)
-    if prepared_state(model) is not None:
-        return prepare(model)  # warns and changes nothing
+    with model_lock(model):
+        if prepared_state(model) is not None:
+            return prepare(model)  # warns and changes nothing
+        return _peft_rules_prepare(model, use_gradient_checkpointing, gradient_checkpointing_kwargs, auto_clear_cache)
+
+
+def _peft_rules_prepare(
+    model: M,
+    use_gradient_checkpointing: bool,
+    gradient_checkpointing_kwargs: dict[str, Any] | None,
+    auto_clear_cache: bool,
+) -> M:
     method = quant_method(model)
     loaded_in_kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
     listed = method in _PEFT_NO_UPCAST or bool(getattr(model, "hqq_quantized", False))

@@ -8,7 +8,11 @@ reverted before the error propagates. The changes of a committed prepare are kep
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -16,6 +20,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ._anatomy import existing_checkpointing, model_configs
 from ._memory import apply_memory_modes
 from ._planning import (
     Plan,
@@ -26,12 +31,29 @@ from ._planning import (
 )
 from ._snapshot import Changes, Snapshot
 from ._tensors import iter_unique_parameters
-from .errors import NotPreparedError, NotTrainableError, UnsupportedModelError
+from .errors import CheckpointingOverrideWarning, NotPreparedError, NotTrainableError, UnsupportedModelError
 from .plugin import CheckpointMode, FixUp
 
 __all__ = ["PreparedState", "Report", "apply_plan", "prepared_state", "undo"]
 
+log = logging.getLogger(__name__)
 _STATE_ATTR = "_kbitprep_state"
+_MISSING: Any = object()
+#: Where transformers keeps the handles of the input-require-grads hooks it registers.
+_TRANSFORMERS_HOOK_HANDLES = ("_require_grads_hooks", "_require_grads_hook")
+
+_LOCKS_GUARD = threading.Lock()
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that serialises prepare and undo on one model (re-entrant; per model object)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
 
 #: Steps run after the built-in ones, in order: ``fn(model, plan) -> None | str``. Extensions of the core
 #: (memory modes) register here; each runs inside the same transaction. A step may return the label to
@@ -68,6 +90,23 @@ class Report:
         from ._render import render_report
 
         return render_report(self)
+
+    def __repr__(self) -> str:
+        """One line: backend, model class, steps and time (``print(report)`` for the full text)."""
+        return (
+            f"<Report {self.plan.backend} for {self.plan.model_type.rsplit('.', 1)[-1]}: "
+            f"{len(self.steps)} steps in {self.seconds * 1000:.1f} ms, {len(self.hooks_added)} hooks added>"
+        )
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython / Jupyter text display: the report."""
+        printer.text(repr(self) if cycle else str(self))
+
+    def _repr_html_(self) -> str:
+        """Jupyter display: the applied plan's table and the steps."""
+        from ._html import report_html
+
+        return report_html(self)
 
 
 @dataclass
@@ -109,14 +148,41 @@ def _enable_checkpointing(model: nn.Module, plan: Plan) -> None:
     if target is None:
         return
     kwargs = dict(plan.checkpointing_kwargs)
-    target = cast(Any, target)
+    existing = existing_checkpointing(target)
+    if existing is not None and dict(existing.kwargs) == kwargs:
+        return  # already enabled exactly so (by the user): keep it, their wrapper included
+    if existing is not None:
+        new = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+        warnings.warn(
+            f"kbitprep: replaced the checkpointing enabled on the model ({existing.describe()}) with {new} "
+            f"({plan.checkpointing_note}); pass checkpointing=... / checkpointing_kwargs=... to choose otherwise",
+            CheckpointingOverrideWarning,
+            stacklevel=4,
+        )
+    emb = input_embeddings(model)
+    had_hook = count_input_grad_hooks(emb) > 0
+    hooks_before = set(emb._forward_hooks) if emb is not None else set()
+    handles_before = {k: vars(target).get(k, _MISSING) for k in _TRANSFORMERS_HOOK_HANDLES}
+    t = cast(Any, target)
     if hasattr(type(target), "activation_checkpointing_enable"):
-        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        t.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    cfg = getattr(target, "config", None)
-    if cfg is not None and getattr(cfg, "use_cache", None):
-        cfg.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+        t.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if had_hook and emb is not None:  # transformers registers another hook each time: keep one
+        for key in [k for k in emb._forward_hooks if k not in hooks_before]:
+            del emb._forward_hooks[key]
+        for attr, value in handles_before.items():
+            if value is _MISSING:
+                vars(target).pop(attr, None)
+            else:
+                vars(target)[attr] = value
+
+
+def _turn_off_use_cache(model: nn.Module, plan: Plan) -> None:
+    names = set(plan.use_cache_off)
+    for cfg in model_configs(model):
+        if type(cfg).__name__ in names and getattr(cfg, "use_cache", None):
+            cfg.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
 
 
 def _make_inputs_require_grad(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -193,13 +259,21 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
             _enable_checkpointing(model, plan)
             steps.append(f"enabled {plan.checkpointing.value} checkpointing")
             _install_input_grads_hook(model, plan)
+        if plan.use_cache_off:
+            _turn_off_use_cache(model, plan)
+            steps.append(f"use_cache off on {', '.join(plan.use_cache_off)}")
         for label, step in EXTRA_STEPS:
             done = step(model, plan)
             if done != "":
                 steps.append(done if isinstance(done, str) else label)
         changes = snapshot.changes()
-    except BaseException:
-        snapshot.changes().revert()
+    except BaseException as exc:
+        reverted = snapshot.changes()
+        reverted.revert()
+        log.info(
+            "prepare of %s failed (%s: %s); reverted %d changes", type(model).__name__, type(exc).__name__, exc,
+            len(reverted.ops),
+        )  # fmt: skip
         raise
     changes.release_upcast_storage(lambda t: id(t) in upcast_ids)
     if clear_cache and torch.cuda.is_available() and plan.to_upcast:
@@ -213,6 +287,13 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
         )
     report = Report(plan, time.perf_counter() - started, hooks_added, tuple(steps))
     vars(model)[_STATE_ATTR] = PreparedState(report, changes)
+    log.info(
+        "prepared %s with backend %s in %.1f ms: %s",
+        type(model).__name__,
+        plan.backend,
+        report.seconds * 1000,
+        "; ".join(steps),
+    )
     return report
 
 
@@ -231,5 +312,6 @@ def undo(model: nn.Module) -> nn.Module:
         if isinstance(state, PreparedState):
             state.changes.revert()
             del vars(mod)[_STATE_ATTR]
+            log.info("undid prepare of %s: reverted %d changes", type(model).__name__, len(state.changes.ops))
             return model
     raise NotPreparedError(f"this {type(model).__name__} was not prepared by kbitprep; there is nothing to undo")

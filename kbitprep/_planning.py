@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -11,13 +13,16 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ._anatomy import existing_checkpointing, model_configs
 from ._fsdp import check_fsdp_dtypes, detect_fsdp, fsdp_choices
 from ._memory import MemoryChoice, memory_plan, preset_options, resolve_memory
-from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
+from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast, validate_checkpointing_kwargs
 from ._registry import Registry, Selection, default_registry
 from ._tensors import iter_unique_parameters, tensor_nbytes
-from .errors import NoParametersError, NotAModuleError, PlanMismatchError
+from .errors import BackendWarning, NoParametersError, NotAModuleError, PlanMismatchError
 from .plugin import HALF_DTYPES, CheckpointMode, Declarations, FixUp, class_path, is_plain_tensor
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ParamPlan", "Plan", "build_plan", "checkpointing_target", "input_embeddings", "model_fingerprint"]
 
@@ -99,6 +104,13 @@ class Plan:
     declarations: tuple[Declarations, ...] = field(repr=False, compare=False)
     fingerprint: tuple[Any, ...] = field(repr=False, compare=False, default=())
     extras: Mapping[str, Any] = field(default_factory=dict)
+    #: Config objects (class names) whose ``use_cache`` prepare turns off: the top-level config and
+    #: sub-configs such as T5's decoder config or LLaVA's ``text_config``. Empty for the drop-in,
+    #: which leaves ``use_cache`` alone as PEFT does.
+    use_cache_off: tuple[str, ...] = ()
+    #: Backend warnings (:attr:`kbitprep.plugin.Declarations.warnings`), also raised as
+    #: :class:`~kbitprep.errors.BackendWarning` when the plan is made.
+    warnings: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------- totals
     @property
@@ -164,6 +176,8 @@ class Plan:
             "hooks": list(self.hooks),
             "fixups": [{"name": f.name, "description": f.description} for f in self.fixups],
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
+            "use_cache_off": list(self.use_cache_off),
             "totals": {
                 "params": len(self.params),
                 "frozen": len(self.to_freeze),
@@ -188,6 +202,24 @@ class Plan:
         from ._render import render_plan
 
         return render_plan(self)
+
+    def __repr__(self) -> str:
+        """One line: backend, model class, counts and the byte change (``print(plan)`` for the table)."""
+        return (
+            f"<Plan {self.backend} for {self.model_type.rsplit('.', 1)[-1]}: {len(self.params)} params, "
+            f"freeze {len(self.to_freeze)}, upcast {len(self.to_upcast)}, quantized {len(self.quantized)}, "
+            f"{self.byte_delta:+,} bytes, checkpointing {self.checkpointing.value}>"
+        )
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython / Jupyter text display: the plan table."""
+        printer.text(repr(self) if cycle else str(self))
+
+    def _repr_html_(self) -> str:
+        """Jupyter display: a compact HTML table."""
+        from ._html import plan_html
+
+        return plan_html(self)
 
 
 def _jsonable(v: Any) -> bool:
@@ -316,6 +348,9 @@ def build_plan(
         raise NotAModuleError(
             f"kbitprep expects a torch.nn.Module (a loaded transformers model), got {type(model).__name__}"
         )
+    checkpointing_kwargs = validate_checkpointing_kwargs(checkpointing_kwargs)
+    if isinstance(checkpointing, str) and checkpointing == "on":
+        checkpointing = True
     unique = list(iter_unique_parameters(model))
     if not unique:
         raise NoParametersError(f"{type(model).__name__} has no parameters; there is nothing to prepare")
@@ -351,12 +386,26 @@ def build_plan(
     if mode is not CheckpointMode.OFF and target is None:
         notes.append(f"{type(model).__name__} has no gradient_checkpointing_enable(); checkpointing stays off")
         mode, mode_note = CheckpointMode.OFF, "the model has no checkpointing API"
+    existing = existing_checkpointing(target) if target is not None else None
+    keep_existing = False
+    if existing is not None and mode is CheckpointMode.OFF:
+        notes.append(
+            f"checkpointing was already enabled on the model ({existing.describe()}); "
+            "prepare leaves it as it is (call model.gradient_checkpointing_disable() to turn it off)"
+        )
+    elif existing is not None and not peft_compat:
+        theirs = CheckpointMode.REENTRANT if existing.use_reentrant else CheckpointMode.NON_REENTRANT
+        left_default = checkpointing is None or checkpointing is True
+        if left_default and not checkpointing_kwargs and not fsdp_ckpt_note and theirs in decl.checkpointing:
+            keep_existing = True
+            mode, mode_note = theirs, f"already enabled on the model ({existing.describe()}): kept"
 
     adapters = _adapter_param_ids(model)
     # PEFT's function raises on a half-dtype tensor subclass it tries to cast (optimum-quanto)
-    peft_would_crash = peft_compat and any(
-        not is_plain_tensor(p) and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit" for _, _, p, _ in unique
-    )
+    # PEFT casts every fp16/bf16 parameter but Params4bit, tensor subclasses included: torchao's cast
+    # (only their scales change), optimum-quanto's raise. Try each subclass cast, as PEFT would.
+    subclass_casts = _peft_subclass_casts(unique) if peft_compat else {}
+    peft_would_crash = any(after is None for after in subclass_casts.values())
     params: list[ParamPlan] = []
     any_float = False
     for name, aliases, p, owner in unique:
@@ -365,7 +414,8 @@ def build_plan(
         plain = is_plain_tensor(p)
         any_float = any_float or (plain and p.dtype.is_floating_point)
         if peft_compat:  # PEFT's rule; where PEFT would crash, the backend's allow_upcast decides
-            eligible = (plain and not adapter and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit") and (
+            castable = plain or subclass_casts.get(id(p)) is not None
+            eligible = (castable and not adapter and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit") and (
                 decl.allow_upcast or not peft_would_crash
             )
         else:
@@ -373,6 +423,8 @@ def build_plan(
         dtype_after = torch.float32 if eligible and wants(name, p, owner) else p.dtype
         before = tensor_nbytes(p)
         after = before if dtype_after == p.dtype else p.numel() * torch.empty((), dtype=dtype_after).element_size()
+        if dtype_after != p.dtype and not plain:
+            after = subclass_casts[id(p)] or before
         params.append(
             ParamPlan(
                 name=name,
@@ -409,8 +461,17 @@ def build_plan(
 
     use_reentrant = mode is CheckpointMode.REENTRANT
     ckpt_kwargs: dict[str, Any] = dict(checkpointing_kwargs or {})
+    if existing is not None and mode is not CheckpointMode.OFF and not peft_compat:
+        ckpt_kwargs = {**existing.kwargs, **ckpt_kwargs}  # the user's other settings survive
     if mode is not CheckpointMode.OFF:
         ckpt_kwargs["use_reentrant"] = use_reentrant
+    replacing = existing is not None and mode is not CheckpointMode.OFF and not keep_existing
+    if replacing and existing is not None and dict(existing.kwargs) != ckpt_kwargs:
+        notes.append(
+            f"checkpointing already enabled on the model ({existing.describe()}) will be replaced by "
+            f"{', '.join(f'{k}={v!r}' for k, v in sorted(ckpt_kwargs.items()))} ({mode_note}); "
+            "prepare warns (CheckpointingOverrideWarning)"
+        )
 
     hooks: list[str] = []
     if mode is not CheckpointMode.OFF:
@@ -421,6 +482,7 @@ def build_plan(
         elif (
             emb is not None
             and target is not None
+            and not keep_existing
             and hasattr(type(target), "_activation_checkpointing_enable")
             and (getattr(target, "main_input_name", "") == "input_ids")
         ):
@@ -442,9 +504,24 @@ def build_plan(
     if is_peft_model(model):
         notes.append("PEFT-wrapped model: adapter parameters keep their requires_grad; only the base is frozen")
 
+    use_cache_off: tuple[str, ...] = ()
+    if mode is not CheckpointMode.OFF and not peft_compat:
+        use_cache_off = tuple(type(c).__name__ for c in model_configs(model) if getattr(c, "use_cache", None))
+        if use_cache_off:
+            notes.append(f"use_cache turned off (no KV cache in training) on: {', '.join(use_cache_off)}")
+    backend_warnings = tuple(w for d in decls for w in d.warnings)
+    for w in backend_warnings:
+        warnings.warn(f"kbitprep: {w}", BackendWarning, stacklevel=3)
+    notes.extend(f"warning: {w}" for w in backend_warnings)
+
     evidence = tuple(
         (f"[{info.name}] {e}" if len(sel.detections) > 1 else e) for info, det in sel.detections for e in det.evidence
     )
+    log.debug(
+        "plan for %s: backend %s, upcast %s (%d params), checkpointing %s (%s), %d notes",
+        type(model).__name__, sel.primary.name, policy_label, sum(p.upcast for p in params), mode.value, mode_note,
+        len(notes),
+    )  # fmt: skip
     return Plan(
         model_type=class_path(model),
         backend=sel.primary.name,
@@ -465,7 +542,28 @@ def build_plan(
         declarations=tuple(decls),
         fingerprint=model_fingerprint(model),
         extras=memory_extras,
+        use_cache_off=use_cache_off,
+        warnings=backend_warnings,
     )
+
+
+def _peft_subclass_casts(unique: list[tuple[str, list[str], nn.Parameter, nn.Module]]) -> dict[int, int | None]:
+    """For each fp16/bf16 tensor-subclass parameter PEFT's function would cast: the bytes after the
+    cast, or ``None`` where the cast raises (PEFT's function then crashes). The model is not changed:
+    each cast makes a temporary copy, one tensor at a time."""
+    out: dict[int, int | None] = {}
+    for _, _, p, _ in unique:
+        if is_plain_tensor(p) or p.dtype not in HALF_DTYPES or type(p).__name__ == "Params4bit":
+            continue
+        try:
+            with torch.no_grad():
+                cast_copy = p.data.to(torch.float32)
+        except Exception:
+            out[id(p)] = None
+            continue
+        out[id(p)] = tensor_nbytes(cast_copy)
+        del cast_copy
+    return out
 
 
 def _module_name(model: nn.Module, target: nn.Module | None) -> str:
@@ -479,8 +577,26 @@ def _module_name(model: nn.Module, target: nn.Module | None) -> str:
 
 def check_plan_matches(plan: Plan, model: nn.Module) -> None:
     """Raise :class:`~kbitprep.errors.PlanMismatchError` unless ``plan`` was made for ``model`` as it is now."""
-    if plan.fingerprint != model_fingerprint(model):
+    now = model_fingerprint(model)
+    if plan.fingerprint == now:
+        return
+    if not plan.fingerprint or plan.fingerprint[0] != now[0]:
         raise PlanMismatchError(
-            "this plan was made for another model, or the model changed since it was planned; "
-            "call kbitprep.plan(model) again"
+            f"this plan was made for another model (a {plan.model_type}), not this {type(model).__name__}; "
+            "call kbitprep.plan(model) on the model you prepare"
         )
+    then = {name: (shape, dtype) for name, shape, dtype in plan.fingerprint[1]}
+    current = {name: (shape, dtype) for name, shape, dtype in now[1]}
+    changed = [n for n in current if n in then and current[n] != then[n]]
+    added = [n for n in current if n not in then]
+    removed = [n for n in then if n not in current]
+    parts = []
+    for n in changed[:3]:
+        (s0, d0), (s1, d1) = then[n], current[n]
+        what = f"dtype {d0} -> {d1}" if s0 == s1 else f"shape {list(s0)} -> {list(s1)}"
+        parts.append(f"parameter {n!r} changed ({what})")
+    parts += [f"parameter {n!r} was added" for n in added[:3]]
+    parts += [f"parameter {n!r} was removed" for n in removed[:3]]
+    more = len(changed) + len(added) + len(removed) - len(parts)
+    detail = "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+    raise PlanMismatchError(f"the model changed since it was planned: {detail}; call kbitprep.plan(model) again")

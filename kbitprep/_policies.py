@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -13,9 +13,11 @@ from .plugin import CheckpointMode, Declarations
 __all__ = [
     "UPCAST_POLICIES",
     "UpcastPolicy",
+    "checkpoint_keywords",
     "is_norm_module",
     "resolve_checkpointing",
     "resolve_upcast",
+    "validate_checkpointing_kwargs",
 ]
 
 #: A user upcast choice: a policy name, or ``fn(name, parameter, owning_module) -> bool``.
@@ -30,7 +32,46 @@ UPCAST_POLICIES: dict[str, str] = {
     "all": "cast every fp16/bf16 non-quantized parameter to fp32 (PEFT's prepare_model_for_kbit_training)",
 }
 
-_CHECKPOINT_CHOICES = ("True", "False", *[m.value for m in CheckpointMode])
+_CHECKPOINT_CHOICES = ("True", "False", "'on'", *[repr(m.value) for m in CheckpointMode])
+
+
+def checkpoint_keywords() -> frozenset[str]:
+    """The keyword arguments ``torch.utils.checkpoint.checkpoint`` accepts (this torch version)."""
+    import inspect
+    import re
+
+    from torch.utils import checkpoint as ckpt
+
+    sig = inspect.signature(ckpt.checkpoint)
+    names = {p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    try:  # keywords it pops from **kwargs (preserve_rng_state)
+        names.update(re.findall(r"kwargs\.pop\(\"(\w+)\"", inspect.getsource(ckpt.checkpoint)))
+    except (OSError, TypeError):
+        names.add("preserve_rng_state")
+    return frozenset(names)
+
+
+def validate_checkpointing_kwargs(kwargs: object) -> dict[str, object]:
+    """Check ``checkpointing_kwargs`` against ``torch.utils.checkpoint.checkpoint`` and return a copy.
+
+    Raises:
+        InvalidPolicyError: not a mapping, or a keyword ``checkpoint`` does not take.
+    """
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise InvalidPolicyError(
+            f"checkpointing_kwargs must be a dict of keyword arguments for torch.utils.checkpoint.checkpoint "
+            f"(e.g. {{'preserve_rng_state': False}}), got {type(kwargs).__name__} {kwargs!r}"
+        )
+    valid = checkpoint_keywords()
+    bad = sorted(str(k) for k in kwargs if k not in valid)
+    if bad:
+        raise InvalidPolicyError(
+            f"checkpointing_kwargs has keyword(s) torch.utils.checkpoint.checkpoint does not take: {', '.join(bad)}; "
+            f"valid keywords: {', '.join(sorted(valid))}"
+        )
+    return dict(kwargs)
 
 
 def is_norm_module(module: nn.Module) -> bool:
@@ -83,12 +124,14 @@ def resolve_checkpointing(
 ) -> tuple[CheckpointMode, str]:
     """Turn the user's ``checkpointing=`` value into a mode, with a note on how it was chosen.
 
-    ``True``/``None`` take the backend's default; ``False`` or ``"off"`` disable it; a mode name
+    ``True``/``None``/``"on"`` take the backend's default; ``False`` or ``"off"`` disable it; a mode name
     asks for that mode, which the backend must support.
 
     Raises:
         InvalidPolicyError: an unknown value, or a mode the backend does not support.
     """
+    if checkpointing == "on":
+        checkpointing = True
     if checkpointing is None or checkpointing is True:
         if not decl.checkpointing:
             return CheckpointMode.OFF, "the backend does not support checkpointing"
@@ -99,8 +142,7 @@ def resolve_checkpointing(
         mode = CheckpointMode(checkpointing)
     except ValueError:
         raise InvalidPolicyError(
-            f"checkpointing={checkpointing!r} is not valid; valid choices: "
-            + ", ".join(repr(c) if c not in ("True", "False") else c for c in _CHECKPOINT_CHOICES)
+            f"checkpointing={checkpointing!r} is not valid; valid choices: " + ", ".join(_CHECKPOINT_CHOICES)
         ) from None
     if mode is CheckpointMode.OFF:
         return mode, "disabled by the caller"

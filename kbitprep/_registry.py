@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.metadata as md
+import logging
 import os
 import threading
 import warnings
@@ -25,6 +26,8 @@ from .errors import (
     UnknownBackendError,
 )
 from .plugin import Backend, Declarations, Detection, missing_packages
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -247,6 +250,7 @@ class Registry:
                 continue
             info = BackendInfo(backend, dist, version, ep.value)
             self._add(info, from_entry_point=True)
+            log.debug("loaded backend %r (priority %d) from %s %s", backend.name, backend.priority, dist, version)
 
     def _add(self, info: BackendInfo, *, from_entry_point: bool, replace: bool = False) -> None:
         name = info.name
@@ -449,6 +453,8 @@ class Registry:
             return Selection(info, ((info, found),), forced=True)
 
         found_all = [(i, d) for i in self.infos().values() if (d := self._detect(i, model)) is not None]
+        for info, det in found_all:
+            log.debug("backend %r recognises %s: %s", info.name, type(model).__name__, "; ".join(det.evidence))
         if not found_all:
             raise BackendMismatchError(
                 f"no registered backend recognises this {type(model).__name__} "
@@ -475,6 +481,7 @@ class Registry:
             if new:
                 chosen.append((info, det))
                 claimed |= mods
+        log.debug("selected %s for %s", " + ".join(i.name for i, _ in chosen), type(model).__name__)
         return Selection(top[0], tuple(chosen))
 
     def _detected_names(self, model: nn.Module) -> str:

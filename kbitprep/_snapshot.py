@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._anatomy import model_configs
+
 __all__ = ["Changes", "Snapshot"]
 
 _MISSING: Any = object()
@@ -175,6 +177,8 @@ class Snapshot:
             for t in list(mod._parameters.values()) + list(mod._buffers.values()):
                 if t is not None:
                     tensors.setdefault(id(t), t)
+        for cfg in model_configs(model):  # sub-configs too (text_config, T5's decoder config ...)
+            objs.setdefault(id(cfg), cfg)
         for o in extra_objects:
             objs.setdefault(id(o), o)
         for t in tensors.values():

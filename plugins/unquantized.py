@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from kbitprep.plugin import Backend, Declarations, Detection, class_path, hf_quantizer, quantized_tensor_names
@@ -28,4 +29,27 @@ class UnquantizedBackend(Backend):
         # Anything that is not a plain float tensor is storage we do not understand: protect it.
         odd = quantized_tensor_names(model, [name for name, _ in model.named_modules()])
         notes = (f"{len(odd)} non-float or tensor-subclass tensors are left untouched",) if odd else ()
-        return Declarations(quantized=odd, default_upcast="none", notes=notes)
+        return Declarations(quantized=odd, default_upcast="none", notes=notes, warnings=_looks_quantized(model))
+
+
+#: Integer dtypes quantization libraries store weights in (int64 is left out: index buffers such as
+#: ``position_ids`` use it).
+_PACKED_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
+
+
+def _looks_quantized(model: nn.Module) -> tuple[str, ...]:
+    """A warning when modules hold integer matrices (packed weights) that no backend claimed."""
+    classes: dict[str, int] = {}
+    for _, mod in model.named_modules():
+        tensors = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
+        if any(t.dtype in _PACKED_DTYPES and t.dim() >= 2 and min(t.shape) > 1 for t in tensors):
+            path = class_path(mod)
+            classes[path] = classes.get(path, 0) + 1
+    if not classes:
+        return ()
+    found = ", ".join(f"{n} x {c}" for c, n in sorted(classes.items()))
+    return (
+        f"this model looks quantized ({found} hold integer weight matrices) but no installed backend recognised "
+        "it, so it is handled as unquantized: install the plugin for its quantization library (see "
+        "`kbitprep backends`), or fix a plugin whose detector matches the wrong class path",
+    )

@@ -76,7 +76,7 @@ def test_untrainable_backend_refuses_before_changing_anything() -> None:
     [
         ({"upcast": "everything"}, "valid choices: 'none', 'norms', 'all'"),
         ({"upcast": 3}, "valid choices"),
-        ({"checkpointing": "sometimes"}, "valid choices: True, False, 'reentrant', 'non_reentrant', 'off'"),
+        ({"checkpointing": "sometimes"}, "valid choices: True, False, 'on', 'reentrant', 'non_reentrant', 'off'"),
         ({"upcsat": "none"}, "unknown keyword argument\\(s\\) upcsat; valid keywords: backend, upcast"),
     ],
 )

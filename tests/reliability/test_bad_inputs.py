@@ -238,7 +238,7 @@ def test_model_without_float_parameters(make: Callable[[], nn.Module], message: 
 # --------------------------------------------------------------------------- invalid options
 
 UPCAST_CHOICES = "valid choices: 'none', 'norms', 'all', or a callable fn(name, parameter, module) -> bool"
-CHECKPOINT_CHOICES = "valid choices: True, False, 'reentrant', 'non_reentrant', 'off'"
+CHECKPOINT_CHOICES = "valid choices: True, False, 'on', 'reentrant', 'non_reentrant', 'off'"
 
 
 def _keywords(func: Callable[..., Any]) -> set[str]:
