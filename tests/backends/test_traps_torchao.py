@@ -1,4 +1,5 @@
-"""TorchAO traps: subclass weights that report a float dtype, a wrong ``is_trainable``, untrainable CPU int4."""
+"""TorchAO traps: subclass weights that report a float dtype, a wrong ``is_trainable``, untrainable CPU int4,
+and dynamic-activation configs whose quantized layers cut the gradient (refused up front)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from .test_traps_bnb import lora_steps
 
 pytest.importorskip("torchao")
 
-from .cases.torchao import load_torchao
+from .cases.torchao import NOT_TRAINABLE, load_torchao, quantized_tiny_llama
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _subclass_weights(model: torch.nn.Module) -> dict[str, str]:
@@ -97,3 +100,71 @@ def test_cpu_int4_opaque_is_refused_before_training() -> None:
         loss = peft_model(**batch()).loss
     with pytest.raises(RuntimeError, match="derivative for aten::_weight_int4pack_mm_for_cpu is not implemented"):
         loss.backward()
+
+
+@pytest.mark.parametrize(("row_id", "build", "reason"), NOT_TRAINABLE, ids=[r[0] for r in NOT_TRAINABLE])
+def test_dynamic_activation_configs_are_refused_up_front(row_id: str, build: object, reason: str) -> None:
+    """Int8DynamicActivation{Int8,Intx}WeightConfig (TorchAoConfig or quantize_): the plan says not trainable
+    and why, prepare raises NotTrainableError before changing anything (regression: both were declared
+    trainable and trained with silently zero gradients)."""
+    assert callable(build)
+    model = build()
+    the_plan = kbitprep.plan(model)
+    assert the_plan.backend == "torchao"
+    assert not the_plan.trainable
+    assert the_plan.not_trainable_reason
+    assert any("activations quantized in the forward" in e for e in the_plan.evidence), the_plan.evidence
+    before = model_state(model)
+    with pytest.raises(kbitprep.NotTrainableError, match=reason):
+        kbitprep.prepare(model)
+    assert model_state(model) == before
+    assert kbitprep._mutation.prepared_state(model) is None
+    with pytest.raises(kbitprep.NotTrainableError, match="quantize their input activations"):
+        kbitprep.prepare_model_for_kbit_training(model)
+    assert model_state(model) == before
+
+
+def _frozen_lora(model: torch.nn.Module, targets: tuple[str, ...]) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0))
+
+
+@pytest.mark.parametrize("kind", ["dyn-int8", "dyn-intx"])
+def test_dynamic_activation_refusal_is_true(kind: str) -> None:
+    """Why the refusal is right: the quantized layer's output does not require grad although its input
+    does; LoRA on every linear (frozen by hand, kbitprep bypassed) leaves LoRA tensors with exactly zero
+    gradient after two AdamW steps; with lm_head quantized too, backward fails."""
+    layer = quantized_tiny_llama(kind).model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 4, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    assert not layer(x).requires_grad
+    weight_only = quantized_tiny_llama("int8" if kind == "dyn-int8" else "intx-int4").model.layers[0].self_attn.q_proj
+    assert weight_only(x).requires_grad  # the weight-only config of the same weights keeps the chain
+
+    names, missing = lora_steps(quantized_tiny_llama(kind), targets=ALL_LINEAR)  # PEFT freezes the base
+    assert len(names) == 28 and missing, "dynamic activation quantization was expected to cut the gradient"
+    assert any(".layers.0." in n for n in missing), missing
+
+    peft_model = _frozen_lora(quantized_tiny_llama(kind, head=True), targets=("q_proj", "v_proj"))
+    peft_model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = peft_model(**batch()).loss
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("kind", ["int8", "intx-int4", "float8"])
+def test_weight_only_configs_built_with_quantize_train_every_linear(kind: str) -> None:
+    """The weight-only configs that run on the CPU stay trainable (quantize_, lm_head excluded): LoRA on
+    every linear, two AdamW steps, every LoRA tensor has a non-zero gradient."""
+    model = quantized_tiny_llama(kind)
+    the_plan = kbitprep.plan(model)
+    assert the_plan.backend == "torchao" and the_plan.trainable, the_plan.not_trainable_reason
+    kbitprep.prepare(model, verify=True)
+    names, missing = lora_steps(model, targets=ALL_LINEAR)
+    assert len(names) == 28 and not missing, missing[:4]
