@@ -21,6 +21,7 @@ from . import errors
 from ._api import plan, prepare, prepare_model_for_kbit_training, report, undo
 from ._fsdp import FsdpSetting, FsdpWarning, detect_fsdp
 from ._gradflow import GradientFlowResult, verify_gradient_flow
+from ._lora import lora_config, lora_targets
 from ._mutation import Report
 from ._planning import ParamPlan, Plan
 from ._policies import UPCAST_POLICIES, UpcastPolicy
@@ -135,6 +136,8 @@ __all__ = [
     "default_registry",
     "detect_fsdp",
     "errors",
+    "lora_config",
+    "lora_targets",
     "plan",
     "plugin_failures",
     "prepare",

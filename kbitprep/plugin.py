@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,6 +45,7 @@ __all__ = [
     "Detection",
     "FixUp",
     "class_path",
+    "detect_layers",
     "find_modules",
     "hf_quantizer",
     "is_plain_tensor",
@@ -142,6 +144,12 @@ class Declarations:
         warnings: problems the user must act on (a quantization config that converted no layer, a
             model that looks quantized but is not recognised). Shown with the plan's notes, and the
             core raises each once as a :class:`~kbitprep.errors.BackendWarning` when the plan is made.
+        lora_targets: qualified names of the modules that take LoRA adapters; ``None`` (the
+            default) means every module the backend claimed (:attr:`Detection.modules`).
+            :func:`kbitprep.lora_config` adds the model's plain linear layers to these.
+        lora_layers: for layer classes PEFT has no LoRA layer for: a function returning PEFT's
+            custom-module mapping ``{layer class: LoRA layer class}`` (see PEFT's "custom models"
+            guide). Called only when a LoRA config is built, so a plugin need not import PEFT itself.
     """
 
     quantized: frozenset[str] = frozenset()
@@ -156,6 +164,8 @@ class Declarations:
     fixups: tuple[FixUp, ...] = ()
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] | None = None
+    lora_layers: Callable[[], Mapping[type[nn.Module], type[nn.Module]]] | None = None
 
     def problems(self) -> list[str]:
         """Return the ways these declarations contradict themselves (empty when consistent)."""
@@ -187,6 +197,12 @@ class Declarations:
             value = getattr(self, field_name)
             if isinstance(value, str) or not all(isinstance(n, str) for n in value):
                 found.append(f"{field_name} must be a tuple of strings")
+        if self.lora_targets is not None and (
+            isinstance(self.lora_targets, str) or not all(isinstance(n, str) for n in self.lora_targets)
+        ):
+            found.append("lora_targets must be None or a tuple of module names")
+        if self.lora_layers is not None and not callable(self.lora_layers):
+            found.append("lora_layers must be None or a function returning {layer class: LoRA layer class}")
         if not all(isinstance(f, FixUp) for f in self.fixups):
             found.append("fixups must be FixUp instances")
         return found
@@ -236,12 +252,28 @@ def class_path(obj: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _resolve_loaded(path: str) -> type | None:
+    """The class a dotted path names, if its module is already imported (never imports anything).
+
+    This lets ``"toyquant.ToyQuantLinear"`` match a class defined in ``toyquant.layers`` and
+    re-exported by ``toyquant``: a model holding such layers has imported the library already.
+    """
+    module, _, attr = path.rpartition(".")
+    if not module or module not in sys.modules:
+        return None
+    obj = getattr(sys.modules[module], attr, None)
+    return obj if isinstance(obj, type) else None
+
+
 def _class_matches(cls: type, wanted: Iterable[str | type]) -> bool:
     for w in wanted:
         if isinstance(w, type):
             if issubclass(cls, w):
                 return True
             continue
+        resolved = _resolve_loaded(w) if "." in w else None
+        if resolved is not None and issubclass(cls, resolved):
+            return True
         for base in cls.__mro__:
             full = f"{base.__module__}.{base.__qualname__}"
             if full == w or base.__qualname__ == w or (full.endswith("." + w) and "." in w):
@@ -258,6 +290,49 @@ def find_modules(model: nn.Module, *classes: str | type) -> list[str]:
     without importing the library. The root module is reported as ``""``.
     """
     return [name for name, mod in model.named_modules() if _class_matches(type(mod), classes)]
+
+
+def detect_layers(
+    model: nn.Module,
+    *classes: str | type,
+    layers: Iterable[str] | None = None,
+    describe: Callable[[nn.Module], str] | None = None,
+    quant_methods: Iterable[str] = (),
+    flags: Iterable[str] = (),
+    claim_without_layers: bool = False,
+) -> Detection | None:
+    """The usual detector in one call: find a library's layers and collect the evidence.
+
+    Finds the modules whose class matches ``classes`` (see :func:`find_modules`; or takes the module
+    names in ``layers``), groups them into ``"N x <description>"`` evidence (``describe(module)``,
+    default the class path), and adds the transformers quantizer (``hf_quantizer: ...``) when the
+    model's :func:`quant_method` is one of ``quant_methods``, and each attribute in ``flags`` that
+    is true on the model (``"is_loaded_in_4bit=True"``).
+
+    Returns ``None`` when no layer matched, unless ``claim_without_layers`` and the quantization
+    method matched (a model loaded with the library's config whose layers were not converted: the
+    backend then claims it so its declarations can say so). A flag alone never claims a model: it
+    may be stale.
+    """
+    names = list(layers) if layers is not None else find_modules(model, *classes)
+    mods = dict(model.named_modules()) if names else {}
+    label = describe or class_path
+    counts: dict[str, int] = {}
+    for name in names:
+        key = label(mods[name])
+        counts[key] = counts.get(key, 0) + 1
+    evidence = [f"{n} x {what}" for what, n in counts.items()]
+    method = quant_method(model)
+    method_matches = method is not None and method in set(quant_methods)
+    quantizer = hf_quantizer(model)
+    if method_matches and quantizer is not None:
+        evidence.append(f"hf_quantizer: {type(quantizer).__name__}")
+    elif method_matches:
+        evidence.append(f"quantization_method: {method}")
+    evidence += [f"{flag}=True" for flag in flags if getattr(model, flag, False) is True]
+    if not names and not (claim_without_layers and method_matches):
+        return None
+    return Detection(evidence=tuple(evidence), modules=tuple(names))
 
 
 def is_plain_tensor(t: torch.Tensor) -> bool:

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kbitprep.plugin import (
-    Backend,
-    Declarations,
-    Detection,
-    class_path,
-    find_modules,
-    hf_quantizer,
-    quantized_tensor_names,
-)
+from kbitprep.plugin import Backend, Declarations, Detection, detect_layers, quantized_tensor_names
 
 #: AQLM's quantized linear layer (transformers swaps it in for ``AqlmConfig`` checkpoints).
 AQLM_LAYER = "aqlm.inference.QuantizedLinear"
@@ -58,14 +50,7 @@ class AqlmBackend(Backend):
 
     def detect(self, model: nn.Module) -> Detection | None:
         """Claim the ``aqlm.QuantizedLinear`` modules."""
-        layers = find_modules(model, AQLM_LAYER)
-        if not layers:
-            return None
-        evidence = [f"{len(layers)} x {AQLM_LAYER}"]
-        quantizer = hf_quantizer(model)
-        if quantizer is not None:
-            evidence.append(f"hf_quantizer: {class_path(quantizer)}")
-        return Detection(evidence=tuple(evidence), modules=tuple(layers))
+        return detect_layers(model, AQLM_LAYER, quant_methods=("aqlm",))
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Declare codes, codebooks and scales quantized storage; refuse 8-bit codebooks on the CPU."""

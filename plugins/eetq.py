@@ -6,15 +6,7 @@ import importlib.util
 
 from torch import nn
 
-from kbitprep.plugin import (
-    Backend,
-    Declarations,
-    Detection,
-    class_path,
-    find_modules,
-    hf_quantizer,
-    quantized_tensor_names,
-)
+from kbitprep.plugin import Backend, Declarations, Detection, detect_layers, quantized_tensor_names
 
 #: The layer transformers swaps in for ``EetqConfig`` (its kernel comes from the ``kernels`` hub), and
 #: the ``eetq`` package's own layer (older transformers, direct use).
@@ -52,15 +44,7 @@ class EetqBackend(Backend):
 
     def detect(self, model: nn.Module) -> Detection | None:
         """Claim the ``EetqLinear`` modules (transformers' class, or the ``eetq`` package's)."""
-        layers = find_modules(model, *EETQ_LAYERS)
-        if not layers:
-            return None
-        kinds = sorted({class_path(m) for n, m in model.named_modules() if n in set(layers)})
-        evidence = [f"{len(layers)} x {', '.join(kinds)}"]
-        quantizer = hf_quantizer(model)
-        if quantizer is not None:
-            evidence.append(f"hf_quantizer: {class_path(quantizer)}")
-        return Detection(evidence=tuple(evidence), modules=tuple(layers))
+        return detect_layers(model, *EETQ_LAYERS, quant_methods=("eetq",))
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Declare the int8 weights and their fp16 scales quantized storage."""

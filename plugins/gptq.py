@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kbitprep.plugin import (
-    Backend,
-    Declarations,
-    Detection,
-    class_path,
-    find_modules,
-    hf_quantizer,
-    quantized_tensor_names,
-)
+from kbitprep.plugin import Backend, Declarations, Detection, class_path, detect_layers, quantized_tensor_names
 
 #: gptqmodel's base class of every GPTQ kernel (TorchLinear, TorchAtenLinear, Marlin, ...). AWQ layers,
 #: which gptqmodel also provides, derive from ``AWQuantLinear`` instead and are not claimed.
@@ -36,15 +28,9 @@ class GptqBackend(Backend):
 
     def detect(self, model: nn.Module) -> Detection | None:
         """Claim the modules that are gptqmodel GPTQ layers."""
-        layers = find_modules(model, GPTQ_LAYER)
-        if not layers:
-            return None
-        kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n in set(layers)})
-        evidence = [f"{len(layers)} x GPTQ layer ({', '.join(kinds)}, subclasses of {GPTQ_LAYER})"]
-        quantizer = hf_quantizer(model)
-        if quantizer is not None:
-            evidence.append(f"hf_quantizer: {class_path(quantizer)}")
-        return Detection(evidence=tuple(evidence), modules=tuple(layers))
+        return detect_layers(
+            model, GPTQ_LAYER, describe=lambda m: f"{class_path(m)} (a GPTQ layer)", quant_methods=("gptq",)
+        )
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Declare every buffer of the GPTQ layers (packed ints and fp16 scales) as quantized storage."""

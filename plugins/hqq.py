@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from torch import nn
 
-from kbitprep.plugin import (
-    Backend,
-    Declarations,
-    Detection,
-    class_path,
-    find_modules,
-    quant_method,
-    quantized_tensor_names,
-)
+from kbitprep.plugin import Backend, Declarations, Detection, detect_layers, quantized_tensor_names
 
 
 class HqqBackend(Backend):
@@ -33,18 +23,15 @@ class HqqBackend(Backend):
 
     def detect(self, model: nn.Module) -> Detection | None:
         """``HQQLinear`` modules, or a model flagged ``hqq_quantized`` / loaded with an HQQ quantizer."""
-        modules = find_modules(model, "hqq.core.quantize.HQQLinear")
-        mods = dict(model.named_modules())
-        evidence = [f"{n} x {c}" for c, n in Counter(class_path(mods[m]) for m in modules).items()]
-        if getattr(model, "hqq_quantized", False):
-            evidence.append("hqq_quantized=True")
-        elif modules:
-            evidence.append("no hqq_quantized flag (layers swapped in by hand)")
-        if quant_method(model) == "hqq":
-            evidence.append("quantization_method: hqq")
-        if not evidence:
-            return None
-        return Detection(evidence=tuple(evidence), modules=tuple(modules))
+        found = detect_layers(
+            model, "hqq.core.quantize.HQQLinear", quant_methods=("hqq",), flags=("hqq_quantized",),
+            claim_without_layers=True,
+        )  # fmt: skip
+        if found is None and getattr(model, "hqq_quantized", False) is True:
+            return Detection(evidence=("hqq_quantized=True",))
+        if found is not None and found.modules and getattr(model, "hqq_quantized", False) is not True:
+            return Detection((*found.evidence, "no hqq_quantized flag (layers swapped in by hand)"), found.modules)
+        return found
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Every tensor of an ``HQQLinear`` is quantized storage; upcasting is not allowed."""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from torch import nn
 
-from kbitprep.plugin import Backend, Declarations, Detection, find_modules, quant_method, quantized_tensor_names
+from kbitprep.plugin import Backend, Declarations, Detection, detect_layers, quantized_tensor_names
 
 
 class QuantoBackend(Backend):
@@ -25,17 +23,13 @@ class QuantoBackend(Backend):
 
     def detect(self, model: nn.Module) -> Detection | None:
         """Modules deriving from quanto's ``QModuleMixin``, or a model loaded with ``QuantoConfig``."""
-        modules = find_modules(model, "optimum.quanto.nn.qmodule.QModuleMixin")
-        mods = dict(model.named_modules())
-        kinds = Counter(
-            f"{type(mods[m]).__name__} with {type(getattr(mods[m], 'weight', None)).__name__} weights" for m in modules
+        return detect_layers(
+            model,
+            "optimum.quanto.nn.qmodule.QModuleMixin",
+            describe=lambda m: f"{type(m).__name__} with {type(getattr(m, 'weight', None)).__name__} weights",
+            quant_methods=("quanto",),
+            claim_without_layers=True,
         )
-        evidence = [f"{n} x {kind}" for kind, n in kinds.items()]
-        if quant_method(model) == "quanto":
-            evidence.append("quantization_method: quanto")
-        elif not modules:
-            return None
-        return Detection(evidence=tuple(evidence), modules=tuple(modules))
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """The weights of quanto layers (quantized, or quantized on the fly) are never touched; no upcast."""
