@@ -30,7 +30,7 @@ import enum
 import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +44,8 @@ __all__ = [
     "Declarations",
     "Detection",
     "FixUp",
+    "Scheme",
+    "WeightBytes",
     "class_path",
     "detect_layers",
     "find_modules",
@@ -208,6 +210,69 @@ class Declarations:
         return found
 
 
+#: ``(out_features, in_features, float_bytes) -> (data bytes, scale/state bytes)`` of one converted weight.
+WeightBytes = Callable[[int, int, int], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A quantization scheme a backend offers, for planning from a config without weights.
+
+    ``kbitprep plan --config ... --quantization NAME`` (and the demo, the benchmark and
+    :func:`kbitprep.estimate`) build the model on the meta device and size every converted
+    ``nn.Linear`` weight with :attr:`weight_bytes`; nothing is loaded.
+
+    Attributes:
+        name: what ``--quantization`` takes (``"bnb-4bit"``); unique among installed backends.
+        summary: the settings, in words.
+        formula: the storage formula, in words.
+        module_class: the class name a converted ``nn.Linear`` becomes (``"Linear4bit"``).
+        weight_bytes: ``(out, inp, float_bytes) -> (data bytes, scale/state bytes)`` for one weight.
+        param_name: the name of the quantized parameter in that class (``"W_q"`` for HQQ).
+        storage_dtype: the dtype that parameter reports (``None``: the model's float dtype, for
+            tensor subclasses that report one).
+        requires: modules that must be importable to load a checkpoint this way.
+        install_hint: what to install when they are missing.
+        allow_upcast: whether the backend lets other parameters be cast to fp32 on such a model.
+        quant_method: the ``model.quantization_method`` transformers sets when it loads this way
+            (``"bitsandbytes"``), or ``None`` when transformers does not load it.
+        model_flags: attributes transformers sets on such a model (``{"is_loaded_in_4bit": True}``).
+        quantization_config: ``fn(dtype) -> config`` building the transformers quantization config
+            that loads a checkpoint this way (``from_pretrained(path, quantization_config=...)``).
+        quantize: for schemes transformers cannot load: ``fn(model, dtype) -> model`` quantizing a
+            loaded float model in place (hqq's ``quantize_model``, torchao's ``quantize_``).
+        frozen_on_load: loading this way leaves every parameter frozen already.
+        skip_modules: leaf names of linear layers the scheme never converts, beyond what
+            transformers keeps (``lm_head``, tied and ``_keep_in_fp32_modules`` weights).
+    """
+
+    name: str
+    summary: str
+    formula: str
+    module_class: str
+    weight_bytes: WeightBytes
+    param_name: str = "weight"
+    storage_dtype: torch.dtype | None = None
+    requires: tuple[str, ...] = ()
+    install_hint: str = ""
+    allow_upcast: bool = True
+    quant_method: str | None = None
+    model_flags: Mapping[str, Any] = field(default_factory=dict)
+    quantization_config: Callable[[torch.dtype], Any] | None = None
+    quantize: Callable[[nn.Module, torch.dtype], nn.Module] | None = None
+    frozen_on_load: bool = False
+    skip_modules: tuple[str, ...] = ()
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether this scheme converts any weight (a scheme for unquantized models does not)."""
+        return self.module_class != "Linear" or self.quant_method is not None or self.quantize is not None
+
+    def bytes_for(self, out: int, inp: int, dtype: torch.dtype) -> tuple[int, int]:
+        """``(data bytes, scale/state bytes)`` of one converted ``out x inp`` weight in a ``dtype`` model."""
+        return self.weight_bytes(out, inp, torch.empty((), dtype=dtype).element_size())
+
+
 class Backend:
     """Base class for backend plugins. Subclasses set the class attributes and implement
     :meth:`detect` and :meth:`declare`.
@@ -238,6 +303,10 @@ class Backend:
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Return the :class:`Declarations` for a model this backend detected. Must not change it."""
         raise NotImplementedError
+
+    def schemes(self) -> tuple[Scheme, ...]:
+        """The quantization :class:`Scheme` s this backend offers for planning from a config (default none)."""
+        return ()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} priority={self.priority}>"
