@@ -1,17 +1,18 @@
 """QLoRA from load to saved adapter: bitsandbytes 4-bit + kbitprep + LoRA + TRL's SFTTrainer, then reload and generate.
 
-Runs on a CPU in well under a minute with its default tiny model (a 2-layer Llama with random
-weights and a tokenizer trained on the script's own data, both built here: nothing is downloaded).
+Runs on a CPU in under a minute with its default tiny model (a 2-layer Llama with random weights
+and a word-level tokenizer over the script's own data, both built here: nothing is downloaded).
 Copy it and pass your own model directory (a local path or a Hub id) to train a real one:
 
-    python examples/qlora_end_to_end.py                          # tiny model, CPU, ~20 s
+    python examples/qlora_end_to_end.py                          # tiny model, CPU
     python examples/qlora_end_to_end.py --model path/to/model --steps 200 --output out
 
 Steps: load the model quantized to 4-bit NF4 with bitsandbytes; ``kbitprep.prepare(model,
 memory="lowest")`` (frozen base, nothing upcast, reentrant checkpointing, chunked output head,
-offloaded activations); LoRA on every linear layer; ``SFTTrainer`` for a few steps; save the
-adapter; load a fresh 4-bit base, attach the saved adapter with ``PeftModel.from_pretrained`` and
-generate a few tokens.
+offloaded activations); LoRA on every linear layer (``kbitprep.lora_config``); ``SFTTrainer``
+for a few steps; save the adapter; load a fresh 4-bit base, attach the saved adapter with
+``PeftModel.from_pretrained`` and generate a few tokens (the tiny model learns to count on:
+"two three four" -> "five six seven eight").
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -86,14 +87,6 @@ def load_4bit(path: str | Path) -> PreTrainedModel:
     return model
 
 
-def lora_for(model: torch.nn.Module) -> LoraConfig:
-    """LoRA on every linear layer but the output head (kbitprep's targeting where it exists, else PEFT's)."""
-    if hasattr(kbitprep, "lora_config"):
-        config: LoraConfig = kbitprep.lora_config(model, r=8)
-        return config
-    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse the arguments and run every step, printing what happened."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         args=kbitprep.training_arguments_for(model, config),  # kbitprep already enabled checkpointing
         train_dataset=Dataset.from_dict({"text": TEXTS}),
         processing_class=tokenizer,
-        peft_config=lora_for(model),
+        # LoRA on every quantized and plain linear layer but the output head, for any backend
+        # (for bitsandbytes the same layers as PEFT's LoraConfig(target_modules="all-linear"))
+        peft_config=kbitprep.lora_config(model, r=8, lora_dropout=0.0, task_type="CAUSAL_LM"),
     )
     trainer.train()
     losses = [round(h["loss"], 3) for h in trainer.state.log_history if "loss" in h]
