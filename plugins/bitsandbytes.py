@@ -38,7 +38,30 @@ def _detect(model: nn.Module, param_class: str, quantizer_class: str, flag: str)
         evidence.append(f"{flag}=True")
     if not modules and not (q is not None and type(q).__name__ == quantizer_class):
         return None  # a flag alone proves nothing (it may be stale)
+    if not modules:
+        evidence.insert(0, f"0 layers with {param_class} weights: transformers quantized no layer of this model")
     return Detection(evidence=tuple(evidence), modules=tuple(modules))
+
+
+def _nothing_converted(model: nn.Module, kind: str, layer_class: str) -> tuple[str, ...]:
+    """The warning for a model loaded with a bitsandbytes config in which transformers converted no
+    layer (its linear layers are a class transformers' bitsandbytes integration does not replace,
+    like Falcon's ``FalconLinear`` in transformers 5.24), or ``()`` when some layer was converted."""
+    head = None  # transformers never quantizes the output head: leave it out of the list
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            head = None
+    linears = Counter(class_path(m) for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    found = ", ".join(f"{n} x {c}" for c, n in sorted(linears.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (
+        f"this model was loaded with a bitsandbytes {kind} quantization config, but transformers converted no "
+        f"layer to {layer_class} ({found or 'no nn.Linear layers'} kept their full-precision weights): nothing is "
+        "quantized, the model uses as much memory as an unquantized one, and kbitprep prepares it as such; "
+        "check that transformers' bitsandbytes integration supports this architecture's layers",
+    )
 
 
 def _packed(mod: nn.Module) -> list[nn.Parameter]:
@@ -108,6 +131,7 @@ class Bnb4bitBackend(Backend):
             upcast_note=_UPCAST_NOTE,
             fixups=(_unpack_cpu_weights(detection.modules),) if packed or repacks else (),
             notes=notes,
+            warnings=() if detection.modules else _nothing_converted(model, "4-bit", "Linear4bit"),
         )
 
 
@@ -136,5 +160,8 @@ class Bnb8bitBackend(Backend):
             else ()
         )
         return Declarations(
-            quantized=quantized_tensor_names(model, detection.modules), upcast_note=_UPCAST_NOTE, notes=notes
+            quantized=quantized_tensor_names(model, detection.modules),
+            upcast_note=_UPCAST_NOTE,
+            notes=notes,
+            warnings=() if detection.modules else _nothing_converted(model, "8-bit", "Linear8bitLt"),
         )
