@@ -12,11 +12,12 @@ from ._gradflow import verify_gradient_flow
 from ._memory import MemoryChoice
 from ._mutation import Report, apply_plan, model_lock, prepared_state
 from ._mutation import undo as _undo
+from ._peft_rules import peft_rules
 from ._planning import Plan, build_plan
 from ._policies import UpcastPolicy
 from ._registry import Registry, strict_mode
 from .errors import AlreadyPreparedWarning, InvalidPolicyError, NotAModuleError, NotPreparedError
-from .plugin import CheckpointMode, quant_method
+from .plugin import CheckpointMode
 
 __all__ = ["plan", "prepare", "prepare_model_for_kbit_training", "report", "undo"]
 
@@ -229,9 +230,6 @@ def undo(model: M) -> M:
     return model
 
 
-_PEFT_NO_UPCAST = ("gptq", "aqlm", "eetq", "torchao", "hqq")
-
-
 def prepare_model_for_kbit_training(
     model: M,
     use_gradient_checkpointing: bool = True,
@@ -269,21 +267,16 @@ def _peft_rules_prepare(
     gradient_checkpointing_kwargs: dict[str, Any] | None,
     auto_clear_cache: bool,
 ) -> M:
-    method = quant_method(model)
-    loaded_in_kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
-    listed = method in _PEFT_NO_UPCAST or bool(getattr(model, "hqq_quantized", False))
-    kwargs = dict(gradient_checkpointing_kwargs or {})
-    mode: str | bool = False
-    if (loaded_in_kbit or listed) and use_gradient_checkpointing:
-        mode = (
-            CheckpointMode.REENTRANT.value if kwargs.get("use_reentrant", True) else CheckpointMode.NON_REENTRANT.value
-        )
-    kwargs.pop("use_reentrant", None)
+    rules = peft_rules(
+        model,
+        use_gradient_checkpointing=use_gradient_checkpointing,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+    )
     the_plan = build_plan(
         model,
-        upcast="none" if listed else "all",
-        checkpointing=mode,
-        checkpointing_kwargs=kwargs,
+        upcast=rules.upcast,
+        checkpointing=rules.checkpointing.value if rules.checkpointing is not CheckpointMode.OFF else False,
+        checkpointing_kwargs=rules.kwargs,
         peft_compat=True,
     )
     apply_plan(model, the_plan, clear_cache=auto_clear_cache)

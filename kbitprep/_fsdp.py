@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import InvalidPolicyError, KbitprepWarning, UnsupportedModelError
+from .errors import FsdpWarning, InvalidPolicyError, UnsupportedModelError
 from .plugin import CheckpointMode, Declarations, quant_method
 
 if TYPE_CHECKING:
@@ -59,10 +59,6 @@ FSDP_ENV_VARIABLES: tuple[str, ...] = (
 )
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 _WRAPPED_CLASSES = ("FullyShardedDataParallel", "FSDPModule")
-
-
-class FsdpWarning(KbitprepWarning):
-    """The model will run under FSDP and something about its dtypes may not work there."""
 
 
 @dataclass(frozen=True)

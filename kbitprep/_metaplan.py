@@ -49,12 +49,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._api import _PEFT_NO_UPCAST
+from ._peft_rules import peft_rules
 from ._planning import ParamPlan, Plan, build_plan
 from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
 from ._registry import Registry, default_registry
-from .errors import InvalidModelError, KbitprepError
-from .plugin import CheckpointMode, Declarations, quant_method
+from .errors import ConfigError, KbitprepError
+from .plugin import CheckpointMode, Declarations
 
 __all__ = [
     "SCHEMES",
@@ -68,10 +68,6 @@ __all__ = [
     "peft_plan",
     "plan_from_config",
 ]
-
-
-class ConfigError(InvalidModelError):
-    """A config file that cannot be read or does not describe a model transformers can build."""
 
 
 Sizer = Callable[[int, int, int], tuple[int, int]]
@@ -314,13 +310,9 @@ def peft_plan(model: nn.Module, *, registry: Registry | None = None) -> Plan:
     tensor subclass it tries to cast, as with optimum-quanto) the backend's ``allow_upcast`` decides,
     as in the drop-in. Changes nothing.
     """
-    method = quant_method(model)
-    loaded_in_kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
-    listed = method in _PEFT_NO_UPCAST or bool(getattr(model, "hqq_quantized", False))
-    mode: str | bool = CheckpointMode.REENTRANT.value if (loaded_in_kbit or listed) else False
-    return build_plan(
-        model, upcast="none" if listed else "all", checkpointing=mode, peft_compat=True, registry=registry
-    )
+    rules = peft_rules(model)
+    mode: str | bool = rules.checkpointing.value if rules.checkpointing is not CheckpointMode.OFF else False
+    return build_plan(model, upcast=rules.upcast, checkpointing=mode, peft_compat=True, registry=registry)
 
 
 # --------------------------------------------------------------------------- configs and meta models

@@ -10,7 +10,7 @@ what changed (so adapters attached afterwards survive an undo).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,16 +142,6 @@ class Changes:
         for op in reversed(self.ops):
             op.revert()
 
-    def attribute_changes(self) -> list[str]:
-        """Readable list of the attribute changes (for reports and debugging)."""
-        out = []
-        for op in self.ops:
-            if isinstance(op, _AttrOp):
-                out.append(f"{type(op.obj).__name__}.{op.key}")
-            elif isinstance(op, _ContainerOp):
-                out.append(f"container +{len(op.added)} ~{len(op.replaced)} -{len(op.removed)}")
-        return out
-
     def release_upcast_storage(self, cast_back: Callable[[torch.Tensor], bool]) -> None:
         """For tensors the core only cast, undo by casting back instead of keeping the old storage.
 
@@ -166,7 +156,7 @@ class Changes:
 class Snapshot:
     """References to everything of a model that prepare may change (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, extra_objects: Iterable[Any] = ()):
+    def __init__(self, model: nn.Module):
         objs: dict[int, Any] = {}
         tensors: dict[int, torch.Tensor] = {}
         for mod in model.modules():
@@ -179,8 +169,6 @@ class Snapshot:
                     tensors.setdefault(id(t), t)
         for cfg in model_configs(model):  # sub-configs too (text_config, T5's decoder config ...)
             objs.setdefault(id(cfg), cfg)
-        for o in extra_objects:
-            objs.setdefault(id(o), o)
         for t in tensors.values():
             objs.setdefault(id(t), t)
         self._objs = [_capture_obj(o) for o in objs.values()]

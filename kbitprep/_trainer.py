@@ -30,16 +30,12 @@ from torch import nn
 
 from ._mutation import prepared_state
 from ._planning import count_input_grad_hooks, input_embeddings
-from .errors import InvalidPolicyError, KbitprepWarning, NotPreparedError
+from .errors import CheckpointingConflictWarning, InvalidPolicyError, NotPreparedError
 from .plugin import CheckpointMode
 
 __all__ = ["CheckpointingConflictWarning", "CheckpointingStatus", "checkpointing_status", "training_arguments_for"]
 
 A = TypeVar("A")
-
-
-class CheckpointingConflictWarning(KbitprepWarning):
-    """The training arguments ask for checkpointing that contradicts what kbitprep prepared."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ __all__ = [
     "BackendMismatchError",
     "BackendUnavailableError",
     "BackendWarning",
+    "CheckpointingConflictWarning",
     "CheckpointingOverrideWarning",
+    "ConfigError",
+    "FsdpWarning",
     "GradientFlowError",
     "InvalidModelError",
     "InvalidPolicyError",
@@ -123,3 +126,15 @@ class BackendWarning(KbitprepWarning):
 class CheckpointingOverrideWarning(KbitprepWarning):
     """prepare changed checkpointing settings the user had enabled on the model before (the plan
     says which, and why)."""
+
+
+class ConfigError(InvalidModelError):
+    """A config file that cannot be read or does not describe a model transformers can build."""
+
+
+class FsdpWarning(KbitprepWarning):
+    """The model will run under FSDP and something about its dtypes may not work there."""
+
+
+class CheckpointingConflictWarning(KbitprepWarning):
+    """The training arguments ask for checkpointing that contradicts what kbitprep prepared."""
