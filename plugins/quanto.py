@@ -2,9 +2,59 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import torch
 from torch import nn
 
-from kbitprep.plugin import Backend, Declarations, Detection, detect_layers, quantized_tensor_names
+from kbitprep.plugin import Backend, Declarations, Detection, Scheme, detect_layers, quantized_tensor_names
+
+
+def _int8_bytes(out: int, inp: int, f: int) -> tuple[int, int]:
+    return out * inp, f * out  # int8 values + a row scale in the model's dtype
+
+
+def _int4_bytes(out: int, inp: int, f: int) -> tuple[int, int]:
+    groups = out * math.ceil(inp / 128)
+    return math.ceil(out * inp / 2), groups * 2 * f  # packed pairs + scale and shift per 128-group
+
+
+def _quanto_config(weights: str) -> Any:
+    def build(dtype: torch.dtype) -> Any:
+        from transformers import QuantoConfig
+
+        return QuantoConfig(weights=weights)
+
+    return build
+
+
+SCHEMES = (
+    Scheme(
+        name="quanto-int8",
+        summary="optimum-quanto int8 weights",
+        formula="n int8 + scale per row",
+        module_class="QLinear",
+        weight_bytes=_int8_bytes,
+        requires=("optimum.quanto",),
+        install_hint="pip install optimum-quanto",
+        allow_upcast=False,
+        quant_method="quanto",
+        quantization_config=_quanto_config("int8"),
+    ),
+    Scheme(
+        name="quanto-int4",
+        summary="optimum-quanto int4 weights, group size 128",
+        formula="n/2 packed + scale and shift per 128-group",
+        module_class="QLinear",
+        weight_bytes=_int4_bytes,
+        requires=("optimum.quanto",),
+        install_hint="pip install optimum-quanto",
+        allow_upcast=False,
+        quant_method="quanto",
+        quantization_config=_quanto_config("int4"),
+    ),
+)
 
 
 class QuantoBackend(Backend):
@@ -30,6 +80,10 @@ class QuantoBackend(Backend):
             quant_methods=("quanto",),
             claim_without_layers=True,
         )
+
+    def schemes(self) -> tuple[Scheme, ...]:
+        """quanto int8 and int4 weights, loaded through transformers' ``QuantoConfig``."""
+        return SCHEMES
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """The weights of quanto layers (quantized, or quantized on the fly) are never touched; no upcast."""

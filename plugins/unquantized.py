@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kbitprep.plugin import Backend, Declarations, Detection, class_path, hf_quantizer, quantized_tensor_names
+from kbitprep.plugin import Backend, Declarations, Detection, Scheme, class_path, hf_quantizer, quantized_tensor_names
+
+#: No quantization: every weight in the model's float dtype.
+NONE = Scheme(
+    name="none",
+    summary="no quantization (weights in the model's dtype)",
+    formula="n x dtype size",
+    module_class="Linear",
+    weight_bytes=lambda out, inp, f: (out * inp * f, 0),
+)
 
 
 class UnquantizedBackend(Backend):
@@ -24,6 +33,10 @@ class UnquantizedBackend(Backend):
             return None
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
         return Detection(evidence=(f"no quantizer on {class_path(model)}; parameter dtypes: {', '.join(dtypes)}",))
+
+    def schemes(self) -> tuple[Scheme, ...]:
+        """``none``: plan an unquantized model from its config."""
+        return (NONE,)
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         # Anything that is not a plain float tensor is storage we do not understand: protect it.
