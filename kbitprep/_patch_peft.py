@@ -62,6 +62,15 @@ def _bindings(targets: Mapping[int, Callable[..., Any]]) -> list[tuple[str, type
     return found
 
 
+def _rebind(module: types.ModuleType, attr: str, value: object) -> bool:
+    """Bind ``module.attr`` to ``value``; ``False`` where the module refuses (it is then left as it was)."""
+    try:
+        setattr(module, attr, value)
+    except (AttributeError, TypeError):
+        return False
+    return True
+
+
 def _peft_function() -> Callable[..., Any]:
     try:
         from peft.utils import other
@@ -207,8 +216,8 @@ class PeftPatch:
                 targets[id(router)] = router
             names = []
             for mod_name, module, attr, value in _bindings(targets):
-                if _original_of(value) is None:
-                    setattr(module, attr, _router_for(value))
+                if _original_of(value) is None and not _rebind(module, attr, _router_for(value)):
+                    continue
                 names.append(f"{mod_name}.{attr}")
             _ACTIVE.append(self)
             self.patched = sorted(names)
@@ -233,8 +242,7 @@ class PeftPatch:
             restored = []
             for mod_name, module, attr, value in _bindings(routers):
                 original = _original_of(value)
-                if original is not None:
-                    setattr(module, attr, original)
+                if original is not None and _rebind(module, attr, original):
                     restored.append(f"{mod_name}.{attr}")
             return sorted(restored)
 

@@ -79,7 +79,7 @@ def _all_original(names: list[str], originals: dict[str, Any]) -> list[str]:
 def _preference_pairs() -> Any:
     from datasets import Dataset
 
-    prompts = [" ".join(f"t{10 + i + j}" for j in range(4)) for i in range(4)]
+    prompts = [" ".join(f"t{10 + i + j}" for j in range(4)) for i in range(8)]
     return Dataset.from_dict(
         {"prompt": prompts, "chosen": [" t50 t60 t70 t80"] * 8, "rejected": [" t90 t91 t92 t93"] * 8}
     )
@@ -376,3 +376,19 @@ def test_threads_patching_at_once_leave_everything_original() -> None:
         t.join()
     assert errors == []
     assert peft.prepare_model_for_kbit_training is _peft_function()
+
+
+def test_a_module_that_refuses_rebinding_is_skipped_and_not_reported() -> None:
+    class FrozenModule(types.ModuleType):
+        def __setattr__(self, name: str, value: Any) -> None:
+            raise AttributeError(f"{self.__name__} is read-only")
+
+    frozen = FrozenModule("kbitprep_fake_frozen")
+    vars(frozen)[NAME] = _peft_function()
+    sys.modules[frozen.__name__] = frozen
+    try:
+        with patch_peft() as switch:
+            assert vars(frozen)[NAME] is _peft_function()
+        assert f"kbitprep_fake_frozen.{NAME}" not in switch.patched and f"peft.{NAME}" in switch.patched
+    finally:
+        del sys.modules[frozen.__name__]
