@@ -176,7 +176,8 @@ def run_page(page: str, cwd: Path) -> PageResult:
             else:
                 raise AssertionError(
                     f"{block.where}: a {block.lang or 'plain'!r} fence is neither runnable"
-                    f" ({sorted(PYTHON | PYCON | SHELL)}), a sample ({sorted(SAMPLES)}) nor marked <!-- no-run: reason -->"
+                    f" ({sorted(PYTHON | PYCON | SHELL)}), a sample ({sorted(SAMPLES)})"
+                    " nor marked <!-- no-run: reason -->"
                 )
             result.block_seconds[block.line] = time.perf_counter() - t0
     finally:
