@@ -23,6 +23,7 @@ from ._fsdp import FsdpSetting, FsdpWarning, detect_fsdp
 from ._gradflow import GradientFlowResult, verify_gradient_flow
 from ._lora import lora_config, lora_targets
 from ._mutation import Report
+from ._patch_peft import PeftPatch, patch_peft
 from ._planning import ParamPlan, Plan
 from ._policies import UPCAST_POLICIES, UpcastPolicy
 from ._registry import (
@@ -118,6 +119,7 @@ __all__ = [
     "NotPreparedError",
     "NotTrainableError",
     "ParamPlan",
+    "PeftPatch",
     "Plan",
     "PlanMismatchError",
     "PluginContractError",
@@ -138,6 +140,7 @@ __all__ = [
     "errors",
     "lora_config",
     "lora_targets",
+    "patch_peft",
     "plan",
     "plugin_failures",
     "prepare",

@@ -45,6 +45,7 @@ __all__ = [
     "Detection",
     "FixUp",
     "Scheme",
+    "ShardedStorage",
     "WeightBytes",
     "class_path",
     "detect_layers",
@@ -123,6 +124,32 @@ class FixUp:
 
 
 @dataclass(frozen=True)
+class ShardedStorage:
+    """What FSDP needs to know about a backend's packed storage (checked generically by the core).
+
+    FSDP1 flattens every wrapped unit into one tensor of a single floating-point dtype, so packed
+    weights must be stored in the dtype of the rest of the model (bitsandbytes 4-bit: its
+    ``bnb_4bit_quant_storage``); FSDP2 shards per parameter and accepts a difference.
+
+    Attributes:
+        tensors: qualified names of the parameters holding the packed storage.
+        dtype: the dtype they are stored as.
+        setting: the name of the loading option that chooses that dtype (``"bnb_4bit_quant_storage"``).
+        reload_hint: ``fn(dtype) -> str``: how to reload the model with its storage in ``dtype``.
+        compute_dtype: the dtype the layers compute in, when the library has one setting for it
+            (FSDP wants it equal to the storage dtype); ``None`` when not applicable.
+        compute_setting: the name of that setting (``"bnb_4bit_compute_dtype"``).
+    """
+
+    tensors: frozenset[str]
+    dtype: torch.dtype
+    setting: str
+    reload_hint: Callable[[torch.dtype], str]
+    compute_dtype: torch.dtype | None = None
+    compute_setting: str = ""
+
+
+@dataclass(frozen=True)
 class Declarations:
     """What a backend declares about a model it recognised. Pure data: the core acts on it.
 
@@ -149,6 +176,8 @@ class Declarations:
         lora_targets: qualified names of the modules that take LoRA adapters; ``None`` (the
             default) means every module the backend claimed (:attr:`Detection.modules`).
             :func:`kbitprep.lora_config` adds the model's plain linear layers to these.
+        sharded_storage: what FSDP must know about the backend's packed storage
+            (:class:`ShardedStorage`); ``None`` when its storage needs nothing special.
         lora_layers: for layer classes PEFT has no LoRA layer for: a function returning PEFT's
             custom-module mapping ``{layer class: LoRA layer class}`` (see PEFT's "custom models"
             guide). Called only when a LoRA config is built, so a plugin need not import PEFT itself.
@@ -168,6 +197,7 @@ class Declarations:
     warnings: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] | None = None
     lora_layers: Callable[[], Mapping[type[nn.Module], type[nn.Module]]] | None = None
+    sharded_storage: ShardedStorage | None = None
 
     def problems(self) -> list[str]:
         """Return the ways these declarations contradict themselves (empty when consistent)."""
