@@ -11,7 +11,9 @@ Each page under ``docs/`` is one test. Its fenced blocks are read in order and e
 * **marked**: preceded by ``<!-- no-run: reason -->`` (an install command, a fragment): counted
   and listed with its reason, never run.
 * **a sample**: a ``text``, ``console``, ``json``, ``toml`` or ``yaml`` fence shows output or a
-  file, and is counted as such.
+  file, and is counted as such. A sample preceded by ``<!-- output -->`` must be exactly what the
+  python block before it printed (a ``fix-up : bnb-cpu-unpack`` line is expected only on CPUs
+  with AVX512-BF16, where bitsandbytes repacks 4-bit weights).
 
 A block in any other language, a ``no-run`` marker without a reason, or a page whose runnable
 block is neither run nor marked fails. Every page runs in one shared working folder in which
@@ -31,6 +33,7 @@ import os
 import re
 import shlex
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,6 +52,9 @@ SHELL = {"bash", "sh", "shell"}
 SAMPLES = {"text", "console", "json", "toml", "yaml", "yml", "ini"}
 FENCE_OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[^\s`{]*)")
 NO_RUN = re.compile(r"^\s*<!--\s*no-run:(?P<reason>.*?)-->\s*$")
+OUTPUT = re.compile(r"^\s*<!--\s*output\s*-->\s*$")
+#: Printed only on CPUs with AVX512-BF16 (bitsandbytes repacks 4-bit weights there; see backends/bnb-4bit.md).
+AVX512_BF16_ONLY = re.compile(r"^fix-up +: bnb-cpu-unpack\b")
 SNIPPET = re.compile(r"^(?P<indent>[ \t]*)-{1,}8<-{1,}[ \t]+\"(?P<path>[^\"]+)\"[ \t]*$")
 #: The getting-started block that makes the shared model folder.
 TINY_MODEL = "tiny-llama"
@@ -61,6 +67,7 @@ class Block:
     lang: str
     source: str
     no_run: str | None  # the reason, when marked
+    output: bool = False  # a sample marked <!-- output -->: what the previous python block printed
 
     @property
     def where(self) -> str:
@@ -73,6 +80,7 @@ class PageResult:
     ran: list[Block] = field(default_factory=list)
     marked: list[Block] = field(default_factory=list)
     samples: list[Block] = field(default_factory=list)
+    checked: list[Block] = field(default_factory=list)  # samples compared with what was printed
     seconds: float = 0.0
     block_seconds: dict[int, float] = field(default_factory=dict)  # opening line -> seconds
 
@@ -99,7 +107,8 @@ def read_blocks(page: str, text: str | None = None) -> list[Block]:
         prev = next((lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()), "")
         marker = NO_RUN.match(prev)
         reason = marker["reason"].strip() if marker else None
-        blocks.append(Block(page, i + 1, lang, "\n".join(_expand(body)) + "\n", reason))
+        source = "\n".join(_expand(body)) + "\n"
+        blocks.append(Block(page, i + 1, lang, source, reason, output=bool(OUTPUT.match(prev))))
         i = j + 1
     return blocks
 
@@ -116,10 +125,43 @@ def _expand(body: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- running
-def _run_python(block: Block, ns: dict[str, Any]) -> None:
+def _run_python(block: Block, ns: dict[str, Any]) -> str:
+    """Run the block in ``ns``; return what it printed (also passed on to the current stdout)."""
     # Pad with blank lines so a traceback's line numbers are the page's own.
     code = compile("\n" * block.line + block.source, block.where, "exec")
-    exec(code, ns)
+    printed = io.StringIO()
+    outer = sys.stdout
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(code, ns)
+    finally:
+        outer.write(printed.getvalue())
+    return printed.getvalue()
+
+
+def _lines(text: str) -> list[str]:
+    lines = [line.rstrip() for line in text.strip("\n").splitlines()]
+    if not _has_avx512_bf16():
+        lines = [line for line in lines if not AVX512_BF16_ONLY.match(line)]
+    return lines
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return False
+    return bool(getattr(bnbf, "has_avx512bf16", lambda: False)())
+
+
+def _check_output(block: Block, printed: str | None) -> None:
+    assert printed is not None, f"{block.where}: an <!-- output --> sample must follow a python block"
+    shown, real = _lines(block.source), [line.rstrip() for line in printed.strip("\n").splitlines()]
+    if shown != real:
+        import difflib
+
+        diff = "\n".join(difflib.unified_diff(shown, real, "the page shows", "the block printed", lineterm=""))
+        raise AssertionError(f"{block.where}: the sample is not what the block above prints\n{diff}")
 
 
 def _run_pycon(block: Block, ns: dict[str, Any]) -> None:
@@ -154,6 +196,7 @@ def run_page(page: str, cwd: Path) -> PageResult:
     result = PageResult(page)
     ns: dict[str, Any] = {"__name__": "__main__"}
     start = time.perf_counter()
+    printed: str | None = None
     old = Path.cwd()
     os.chdir(cwd)
     try:
@@ -164,8 +207,11 @@ def run_page(page: str, cwd: Path) -> PageResult:
                 result.marked.append(block)
             elif block.lang in SAMPLES:
                 result.samples.append(block)
+                if block.output:
+                    _check_output(block, printed)
+                    result.checked.append(block)
             elif block.lang in PYTHON:
-                _run_python(block, ns)
+                printed = _run_python(block, ns)
                 result.ran.append(block)
             elif block.lang in PYCON:
                 _run_pycon(block, ns)
@@ -211,21 +257,21 @@ class _Summary:
         tr = terminalreporter
         tr.section("documentation code blocks (run / marked no-run / samples)")
         width = max(len(p) for p in [*self.pages, *self.failed]) + 2
-        tr.write_line("page".ljust(width) + "run  marked  samples  seconds")
+        tr.write_line("page".ljust(width) + "run  marked  samples (checked)  seconds")
         for page in PAGES:
             if page in self.pages:
                 r = self.pages[page]
-                tr.write_line(
-                    page.ljust(width) + f"{len(r.ran):>3}  {len(r.marked):>6}  {len(r.samples):>7}  {r.seconds:>7.1f}"
-                )
+                counts = f"{len(r.ran):>3}  {len(r.marked):>6}  {len(r.samples):>7} ({len(r.checked):>7})"
+                tr.write_line(page.ljust(width) + f"{counts}  {r.seconds:>7.1f}")
             elif page in self.failed:
                 tr.write_line(page.ljust(width) + f"FAILED: {self.failed[page]}")
         ran = sum(len(r.ran) for r in self.pages.values())
         marked = sum(len(r.marked) for r in self.pages.values())
         samples = sum(len(r.samples) for r in self.pages.values())
+        checked = sum(len(r.checked) for r in self.pages.values())
         seconds = sum(r.seconds for r in self.pages.values())
         tr.write_line(
-            "TOTAL".ljust(width) + f"{ran:>3}  {marked:>6}  {samples:>7}  {seconds:>7.1f}"
+            "TOTAL".ljust(width) + f"{ran:>3}  {marked:>6}  {samples:>7} ({checked:>7})  {seconds:>7.1f}"
             f"   ({len(self.pages)} pages passed, {len(self.failed)} failed)"
         )
         for r in self.pages.values():
@@ -305,6 +351,16 @@ def test_the_reader_finds_fences_markers_and_snippets() -> None:
     assert blocks[4].source == (ROOT / "constraints.txt").read_text().rstrip("\n") + "\n"
 
 
+def test_an_output_sample_that_differs_from_the_print_fails() -> None:
+    text = '```python\nprint("a")\nprint("b")\n```\n\n<!-- output -->\n```text\na\nc\n```\n'
+    python, sample = read_blocks("probe.md", text)
+    assert sample.output and not python.output
+    printed = _run_python(python, {})
+    with pytest.raises(AssertionError, match=r"(?s)-c.*\+b"):
+        _check_output(sample, printed)
+    _check_output(Block("probe.md", 6, "text", "a\nb\n\n", None, output=True), printed)
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_page_blocks_run_as_printed(page: str, workdir: Path, docs_env: None, summary: _Summary) -> None:
     printed = io.StringIO()
@@ -319,6 +375,6 @@ def test_page_blocks_run_as_printed(page: str, workdir: Path, docs_env: None, su
     summary.pages[page] = result
     print(
         f"docs/{page}: {len(result.ran)} run, {len(result.marked)} marked no-run,"
-        f" {len(result.samples)} samples, {result.seconds:.1f} s"
+        f" {len(result.samples)} samples ({len(result.checked)} checked against the output), {result.seconds:.1f} s"
         f" (per block: {', '.join(f'line {k} {v:.1f} s' for k, v in result.block_seconds.items())})"
     )
