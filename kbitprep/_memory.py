@@ -33,6 +33,7 @@ import contextvars
 import inspect
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import InvalidPolicyError, KbitprepWarning, NotPreparedError
+from .errors import InvalidPolicyError, KbitprepWarning, NotPreparedError, UnsupportedModelError
 from .plugin import CheckpointMode
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ __all__ = [
     "OffloadHooks",
     "apply_memory_modes",
     "chunked_causal_lm_loss",
+    "full_logits",
     "memory_modes",
     "memory_plan",
     "resolve_memory",
@@ -93,7 +95,7 @@ class MemoryModes:
         upcast: the upcast policy the preset asks for when the caller gives none (``None``: the backend's).
         checkpointing: the checkpointing mode the preset asks for when the caller asks for the
             default one and the backend supports it (``None``: the backend's).
-        strict: whether a mode that does not apply to the model is an error (a mode asked for by
+        required: whether a mode that does not apply to the model is an error (a mode asked for by
             name) rather than a note (a combined preset skips what does not apply).
     """
 
@@ -102,7 +104,7 @@ class MemoryModes:
     offload: bool = False
     upcast: str | None = None
     checkpointing: str | None = None
-    strict: bool = True
+    required: bool = True
 
     @property
     def active(self) -> bool:
@@ -139,7 +141,7 @@ def _preset(name: str) -> MemoryModes:
             offload=True,
             upcast="none",
             checkpointing=CheckpointMode.REENTRANT.value,
-            strict=False,
+            required=False,
         )
     raise InvalidPolicyError(f"memory={name!r} is not a memory preset; {_valid_choices()}")
 
@@ -178,12 +180,12 @@ def resolve_memory(memory: MemoryChoice) -> MemoryModes:
                 raise InvalidPolicyError(
                     f"memory['chunked_head']={value!r} is not valid; use True, False or a positive token count"
                 )
-            modes = replace(modes, chunked_head=tokens, strict=True)
+            modes = replace(modes, chunked_head=tokens, required=True)
         if "offload" in memory:
             value = memory["offload"]
             if not isinstance(value, bool):
                 raise InvalidPolicyError(f"memory['offload']={value!r} is not valid; use True or False")
-            modes = replace(modes, offload=value, strict=True)
+            modes = replace(modes, offload=value, required=True)
         return modes
     raise InvalidPolicyError(f"memory={memory!r} is not valid; {_valid_choices()}")
 
@@ -276,11 +278,22 @@ def memory_plan(
         return {}, []
     notes: list[str] = []
     chunk = modes.chunked_head
+    offload = modes.offload
+    replicated = _data_parallel_name(model)
+    if replicated is not None and (chunk or offload):
+        why = (
+            f"the model is wrapped in torch.nn.DataParallel ({replicated or 'the root'}), whose replicas would run "
+            "the original module's patched forward; use DistributedDataParallel (one process per GPU)"
+        )
+        if modes.required:
+            raise InvalidPolicyError(f"memory: the memory modes do not apply: {why}")
+        notes.append(f"memory: chunked output head and offload skipped: {why}")
+        chunk, offload = 0, False
     lm_name, head_name = "", ""
     if chunk:
         lm_name, lm, why = _causal_lm(model)
         if why:
-            if modes.strict:
+            if modes.required:
                 raise InvalidPolicyError(f"memory: the chunked output head does not apply: {why}")
             notes.append(f"memory: chunked output head skipped: {why}")
             chunk = 0
@@ -292,10 +305,12 @@ def memory_plan(
                 f"memory: trained with labels, {type(lm).__name__} computes {head_name} and the loss in "
                 f"{chunk}-token chunks and returns logits=None"
             )
-    offload = modes.offload
     target = lm if chunk else _forward_target(model)
     target_name = lm_name if chunk else _module_name(model, target)
     if offload:
+        if not head_name:
+            out_head = _output_head(target)
+            head_name = _module_name(model, out_head) if out_head is not None else ""
         devices = {p.device.type for p in model.parameters()}
         if devices <= {"cpu"}:
             notes.append(
@@ -303,11 +318,14 @@ def memory_plan(
             )
         if checkpointing is CheckpointMode.OFF:
             notes.append("memory: offload without checkpointing moves every saved activation to CPU memory (slow)")
-        elif checkpointing is CheckpointMode.NON_REENTRANT:
-            notes.append(
-                "memory: with non-reentrant checkpointing torch keeps each layer's inputs itself; "
-                "offload saves most with reentrant checkpointing"
-            )
+        # With reentrant and non-reentrant checkpointing alike the offload hooks see each checkpointed
+        # layer's inputs (torch >= 2.4 saves the non-reentrant inputs through the active saved-tensor hooks):
+        # offload moves the same tensors either way (test_offload_moves_the_same_tensors_with_either_checkpointing).
+        notes.append(
+            "memory: offload copies each saved storage once; what the backward needs first "
+            + (f"(from {head_name} on, and the tensor saved just before)" if head_name else "(the last tensor saved)")
+            + " stays on the device"
+        )
     if not (chunk or offload):
         return {"memory": {"preset": modes.preset, "chunked_head": 0, "offload": False}}, notes
     spec: dict[str, Any] = {
@@ -318,6 +336,14 @@ def memory_plan(
         "head": head_name,
     }
     return {"memory": spec}, notes
+
+
+def _data_parallel_name(model: nn.Module) -> str | None:
+    """The name of a ``torch.nn.DataParallel`` module in ``model`` (``""``: the root), or ``None``."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.DataParallel):
+            return str(name)
+    return None
 
 
 # --------------------------------------------------------------------------- the chunked head
@@ -369,13 +395,16 @@ def chunked_causal_lm_loss(
     total = flat_h[:0].sum().float()  # 0, but part of the graph, so backward works with nothing counted
 
     def chunk_loss(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(hc).float(), yc, ignore_index=ignore_index, reduction="sum")
+        logits = head(hc).float()
+        # the head may compute on another device than the hidden states (accelerate's device_map hooks):
+        # labels go where the logits are, as in transformers' loss
+        return F.cross_entropy(logits, yc.to(logits.device), ignore_index=ignore_index, reduction="sum")
 
     for start in range(0, h.shape[0], chunk_tokens):
         part = checkpoint(
             chunk_loss, h[start : start + chunk_tokens], y[start : start + chunk_tokens], use_reentrant=False
         )
-        total = total + part
+        total = part + total.to(part.device)  # the loss ends on the logits' device, as transformers'
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(total.device)
@@ -388,6 +417,12 @@ def chunked_causal_lm_loss(
 
 _SIDE_STREAMS: dict[tuple[int, str], Any] = {}
 _STREAMS_LOCK = threading.Lock()
+_COUNT_LOCK = threading.Lock()
+
+#: Test hook, not for users: called as ``_BEFORE_COPY(kind, stream)`` right before each copy is
+#: enqueued (``kind`` is ``"d2h"`` or ``"h2d"``, ``stream`` the CUDA stream the copy runs on, ``None``
+#: on CPU). The GPU test delays the copy stream through it, so a missing stream wait shows.
+_BEFORE_COPY: Callable[[str, Any], None] | None = None
 
 
 def _side_stream(device: torch.device, kind: str) -> Any:
@@ -400,11 +435,234 @@ def _side_stream(device: torch.device, kind: str) -> Any:
     return stream
 
 
-@dataclass
-class _OnHost:
-    host: torch.Tensor
-    device: torch.device
-    done: Any  # torch.cuda.Event, or None for a synchronous copy
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[lo, hi)`` of ``t``'s storage that ``t`` reads (strides are never negative)."""
+    size = t.element_size()
+    first = int(t.storage_offset())
+    last = first + sum((int(n) - 1) * int(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    return first * size, (last + 1) * size
+
+
+def _view(
+    storage: torch.UntypedStorage,
+    device: torch.device,
+    byte_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A tensor of ``dtype`` over ``storage`` at ``byte_offset`` (a multiple of the element size)."""
+    out = torch.empty((0,), dtype=dtype, device=device)
+    out.set_(storage, byte_offset // dtype.itemsize, size, stride)  # type: ignore[call-overload]
+    return out
+
+
+def _copy_to_host(src: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Copy ``src`` (bytes of a device storage) to host memory; every offload copy goes through here.
+
+    CUDA: into pinned memory, asynchronously, on the side stream ``d2h`` after it waited for the
+    compute stream (which wrote ``src``); ``src``'s block is recorded on the side stream, so the
+    caching allocator hands it out again only after the copy. Returns the host tensor and the event
+    that marks the end of the copy. Elsewhere (the ``force_copy`` path on CPU): a synchronous copy
+    into ordinary memory and no event.
+    """
+    if src.device.type != "cuda":
+        host = torch.empty(src.shape, dtype=src.dtype)
+        if _BEFORE_COPY is not None:
+            _BEFORE_COPY("d2h", None)
+        host.copy_(src)
+        return host, None
+    side = _side_stream(src.device, "d2h")
+    side.wait_stream(torch.cuda.current_stream(src.device))
+    host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+    with torch.cuda.stream(side):
+        if _BEFORE_COPY is not None:
+            _BEFORE_COPY("d2h", side)
+        host.copy_(src, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
+    src.record_stream(side)
+    return host, done
+
+
+class _Span:
+    """A region of a device storage saved for backward: copied to host memory at most once.
+
+    Every saved tensor that lies inside the region (the same tensor saved by several ops, views of
+    it) shares the one copy. Until it is copied (or for good, when the backward needs it first)
+    ``source`` holds the device tensor.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "cached",
+        "device",
+        "done",
+        "hi",
+        "host",
+        "lo",
+        "ready",
+        "source",
+        "stale",
+        "storage",
+        "users",
+        "version",
+    )
+
+    def __init__(self, t: torch.Tensor, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.device = t.device
+        self.version = t._version
+        self.storage = weakref.ref(t.untyped_storage())  # alive => the same memory (no address reuse)
+        self.source: torch.Tensor | None = t
+        self.host: torch.Tensor | None = None
+        self.done: Any = None  # CUDA event: the copy to the host finished
+        self.cached: torch.Tensor | None = None  # the copy back, while saved tensors still unpack it
+        self.ready: Any = None  # CUDA event: the copy back finished
+        self.users = 0  # saved tensors that unpack this span
+        self.stale = False  # changed in place before it was copied: unpacking raises, as autograd does
+
+
+class _Saved:
+    """What the pack hook returns for an offloaded tensor: its span and how to view it."""
+
+    __slots__ = ("dtype", "offset", "size", "span", "stride", "version")
+
+    def __init__(self, span: _Span, t: torch.Tensor, offset: int) -> None:
+        self.span = span
+        self.offset = offset
+        self.size = tuple(t.shape)
+        self.stride = tuple(t.stride())
+        self.dtype = t.dtype
+        self.version = t._version
+
+
+_INPLACE_MESSAGE = (
+    "one of the variables needed for gradient computation has been modified by an inplace operation "
+    "(kbitprep offload: a tensor saved for backward was changed in place after it was saved)"
+)
+
+
+class _OffloadSession:
+    """The hooks of one forward: deduplication by storage, and the newest span held back."""
+
+    def __init__(self, hooks: OffloadHooks) -> None:
+        self.hooks = hooks
+        self.spans: dict[tuple[int, str], list[_Span]] = {}
+        self.pending: list[_Span] = []
+        self.tail = False  # the output head started: the backward needs what follows first
+
+    def _find(self, key: tuple[int, str], storage: Any, t: torch.Tensor, lo: int, hi: int) -> _Span | None:
+        spans = self.spans.get(key)
+        if not spans:
+            return None
+        spans[:] = [s for s in spans if s.storage() is not None]
+        for span in spans:
+            if (
+                span.storage() is storage
+                and span.lo <= lo
+                and hi <= span.hi
+                and (lo - span.lo) % t.element_size() == 0
+                and span.version == t._version
+                and not span.stale
+            ):
+                return span
+        return None
+
+    def start_tail(self) -> None:
+        """The output head starts: what is still held back and everything saved from now on stays."""
+        self.tail = True
+
+    def pack(self, t: torch.Tensor) -> Any:
+        hooks = self.hooks
+        with _COUNT_LOCK:
+            hooks.packed += 1  # statistics
+        if not hooks._eligible(t):
+            return t
+        if t.device.type != "cuda" and not (t.device.type == "cpu" and hooks.force_copy):
+            return t
+        if self.tail:
+            with _COUNT_LOCK:
+                hooks.kept += 1
+            return t
+        lo, hi = _byte_span(t)
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), str(t.device))
+        span = self._find(key, storage, t, lo, hi)
+        if span is None:
+            span = _Span(t, lo, hi)
+            self.spans.setdefault(key, []).append(span)
+            self.flush()  # the spans before this one; this one waits: it may be what the backward needs first
+            self.pending.append(span)
+        else:
+            with _COUNT_LOCK:
+                hooks.deduped += 1
+        span.users += 1
+        return _Saved(span, t, lo)
+
+    def flush(self) -> None:
+        """Copy the held-back spans to host memory and let go of their device tensors."""
+        pending, self.pending = self.pending, []
+        for span in pending:
+            src, span.source = span.source, None
+            assert src is not None
+            if src._version != span.version:
+                span.stale = True
+                continue
+            n = span.hi - span.lo
+            host, done = _copy_to_host(_view(src.untyped_storage(), src.device, span.lo, (n,), (1,), torch.uint8))
+            span.host, span.done = host, done
+            self.hooks._hold(span, n)
+
+    def close(self) -> None:
+        """End of the forward: what is still held back stays on the device."""
+        kept = sum(span.users for span in self.pending)
+        with _COUNT_LOCK:
+            self.hooks.kept += kept
+        self.pending = []
+        self.spans = {}
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, _Saved):
+            return packed  # type: ignore[no-any-return]
+        span = packed.span
+        source = span.source
+        if span.stale or (source is not None and source._version != packed.version):
+            raise RuntimeError(_INPLACE_MESSAGE)
+        if source is not None:  # held on the device
+            storage = source.untyped_storage()
+            return _view(storage, source.device, packed.offset, packed.size, packed.stride, packed.dtype)
+        buffer = _to_device(span)
+        span.users -= 1
+        if span.users <= 0:
+            span.cached, span.ready = None, None  # the last saved tensor of the span: the view keeps the memory
+        return _view(
+            buffer.untyped_storage(), buffer.device, packed.offset - span.lo, packed.size, packed.stride, packed.dtype
+        )
+
+
+def _to_device(span: _Span) -> torch.Tensor:
+    """The span's bytes back on its device (copied once while its saved tensors unpack)."""
+    assert span.host is not None
+    if span.device.type != "cuda":
+        return span.host
+    current = torch.cuda.current_stream(span.device)
+    if span.cached is not None:
+        current.wait_event(span.ready)
+        span.cached.record_stream(current)
+        return span.cached
+    current.wait_event(span.done)  # the copy to the host finished
+    with torch.cuda.stream(current):
+        if _BEFORE_COPY is not None:
+            _BEFORE_COPY("h2d", current)
+        buffer = span.host.to(span.device, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(current)
+    span.cached, span.ready = buffer, ready
+    return buffer
+
+
+_SESSION: contextvars.ContextVar[_OffloadSession | None] = contextvars.ContextVar("kbitprep_offload", default=None)
 
 
 @dataclass
@@ -412,20 +670,37 @@ class OffloadHooks:
     """``saved_tensors_hooks`` that keep tensors saved for backward in CPU memory.
 
     CUDA tensors of at least ``min_bytes`` (not parameters or views of parameters, which stay where
-    they are anyway) are copied into pinned host memory on a side stream that waits for the compute
-    stream, so the forward goes on while the copy runs; the caching allocator is told the device
-    tensor is in use on that stream (``record_stream``), so its memory is reused only after the copy.
-    In the backward each tensor is copied back on the current stream after the copy-out finished
-    (non-blocking, from pinned memory). Tensors in CPU memory are kept as they are, so on a CPU model
-    the hooks change nothing; ``force_copy=True`` makes them copy those too (through ordinary
-    memory, synchronously), which exercises the pack/unpack path without a GPU.
+    they are anyway) are copied into pinned host memory, on a side CUDA stream that first waits for
+    the compute stream, so the forward goes on while the copy runs; the device block is recorded on
+    that stream (``record_stream``), so the caching allocator reuses it only after the copy.
+
+    * **Each storage once.** Within one forward (one :meth:`context`), a tensor that lies inside a
+      region already copied (the same tensor saved by several ops, a view of it) shares that copy,
+      in the forward and in the backward (copied back once, viewed as each saved tensor).
+    * **Not what the backward needs first.** The newest region is held back on the device until
+      another one is saved; when the forward ends, or when the model's output head starts (the
+      patched head tells the running context), what is held back and everything saved after it
+      stays on the device: the head's and the loss's tensors, and the last layer's output the final
+      norm saved, which the backward uses at once. Copying them would be pure traffic.
+    * **Back in the backward**: on the current (compute) stream, after it waited for the copy-out's
+      event, from pinned memory without blocking the host. There is no prefetch: the copy of a
+      layer's inputs (``tokens x hidden`` bytes) is small next to the layer's recomputation.
+
+    A tensor changed in place after it was saved raises at unpack, as autograd does. Tensors in CPU
+    memory are kept as they are, so on a CPU model the hooks change nothing; ``force_copy=True``
+    copies those too (through ordinary memory, synchronously), which runs the whole pack / unpack /
+    deduplication path without a GPU.
 
     Attributes:
         min_bytes: smaller tensors stay where they are.
         force_copy: also copy tensors that are already in CPU memory.
-        packed: tensors seen by the pack hook (statistics).
-        offloaded: tensors moved (or copied) to host memory.
+        packed: tensors seen by the pack hook (statistics, not exact if several threads run forwards).
+        offloaded: copies made to host memory (one per distinct storage region).
         offloaded_bytes: their bytes.
+        deduped: saved tensors that shared an earlier copy instead of making one.
+        kept: eligible saved tensors left on the device because the backward needs them first.
+        host_bytes: host bytes the copies hold now (pinned memory on CUDA).
+        peak_host_bytes: the most they held at once.
     """
 
     min_bytes: int = OFFLOAD_MIN_BYTES
@@ -433,52 +708,41 @@ class OffloadHooks:
     packed: int = 0
     offloaded: int = 0
     offloaded_bytes: int = 0
+    deduped: int = 0
+    kept: int = 0
+    host_bytes: int = 0
+    peak_host_bytes: int = 0
 
     def _eligible(self, t: torch.Tensor) -> bool:
         if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
             return False
-        if type(t) is not torch.Tensor or t.layout is not torch.strided or t.is_quantized:
+        if type(t) is not torch.Tensor or t.layout is not torch.strided or t.is_quantized or t.numel() == 0:
             return False
         return t.numel() * t.element_size() >= self.min_bytes
 
-    def pack(self, t: torch.Tensor) -> Any:
-        """The pack hook: returns the tensor itself or a handle on its host copy."""
-        self.packed += 1  # statistics only: not exact if several threads run forwards at once
-        if not self._eligible(t):
-            return t
-        if t.device.type == "cuda":
-            side = _side_stream(t.device, "d2h")
-            side.wait_stream(torch.cuda.current_stream(t.device))
-            host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
-            with torch.cuda.stream(side):
-                host.copy_(t, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(side)
-            t.record_stream(side)
-            packed: Any = _OnHost(host, t.device, done)
-        elif t.device.type == "cpu" and self.force_copy:
-            host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout)
-            host.copy_(t)
-            packed = _OnHost(host, t.device, None)
-        else:
-            return t
-        self.offloaded += 1
-        self.offloaded_bytes += t.numel() * t.element_size()
-        return packed
+    def _hold(self, span: _Span, n: int) -> None:
+        with _COUNT_LOCK:
+            self.offloaded += 1
+            self.offloaded_bytes += n
+            self.host_bytes += n
+            self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
+        weakref.finalize(span, self._release, n)
 
-    def unpack(self, packed: Any) -> torch.Tensor:
-        """The unpack hook: the tensor back on its device."""
-        if not isinstance(packed, _OnHost):
-            return packed  # type: ignore[no-any-return]
-        if packed.device.type != "cuda":
-            return packed.host
-        current = torch.cuda.current_stream(packed.device)
-        current.wait_event(packed.done)
-        return packed.host.to(packed.device, non_blocking=True)
+    def _release(self, n: int) -> None:
+        with _COUNT_LOCK:
+            self.host_bytes -= n
 
-    def context(self) -> contextlib.AbstractContextManager[None]:
-        """The ``torch.autograd.graph.saved_tensors_hooks`` context using these hooks."""
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """The ``torch.autograd.graph.saved_tensors_hooks`` context of one forward using these hooks."""
+        session = _OffloadSession(self)
+        token = _SESSION.set(session)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
+                yield
+        finally:
+            _SESSION.reset(token)
+            session.close()
 
 
 # --------------------------------------------------------------------------- installed state
@@ -506,6 +770,9 @@ class _PatchedHead:
         self.original = original
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        session = _SESSION.get()
+        if session is not None:
+            session.start_tail()  # the head, the loss and the norm just before: the backward needs them first
         box = _CAPTURE.get()
         if box is not None and box[0] is self.module and len(args) == 1 and not kwargs:
             box[1] = args[0]
@@ -564,7 +831,7 @@ class _PatchedForward:
     ) -> Any:
         module = self.module
         head = _output_head(module)
-        if head is None or not isinstance(vars(head).get("forward"), _PatchedHead):
+        if head is None or not _head_is_patched(head):
             self._give_up(state, "its output head was replaced after prepare, e.g. by an adapter on lm_head")
             return forward(*args, **kwargs)
         labels = kwargs["labels"]
@@ -577,7 +844,8 @@ class _PatchedForward:
         finally:
             _CAPTURE.reset(token)
         hidden: torch.Tensor | None = box[1] if isinstance(box[1], torch.Tensor) else None
-        untouched = getattr(out, "logits", None) is box[1]  # the forward returned the head's output as is
+        # the forward returned the head's output as is (or moved to another device by accelerate's hooks)
+        untouched = hidden is not None and _unchanged_copy(getattr(out, "logits", None), hidden)
         if hidden is None or not untouched or not hasattr(out, "items"):
             self._give_up(state, "its forward transforms the head's output (e.g. logit soft-capping or scaling)")
             return forward(*args, **kwargs)
@@ -595,8 +863,70 @@ class _PatchedForward:
             ignore_index=loss_kwargs.get("ignore_index", -100),
             shift_labels=shift,
         )
+        device = _io_device(module)
+        if device is not None:
+            loss = loss.to(device)  # where accelerate's hook on the model moves the outputs (device_map)
         fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
         return type(out)(loss=loss, **fields)
+
+
+def _head_is_patched(head: nn.Module) -> bool:
+    """Whether the head's forward is still kbitprep's, also under accelerate's hooks added after prepare."""
+    forward = vars(head).get("forward")
+    for _ in range(8):
+        if isinstance(forward, _PatchedHead):
+            return True
+        # accelerate's add_hook_to_module: forward = update_wrapper(partial(new_forward), old_forward)
+        forward = getattr(forward, "__wrapped__", None)
+    return isinstance(vars(head).get("_old_forward"), _PatchedHead)
+
+
+def _unchanged_copy(logits: Any, hidden: torch.Tensor) -> bool:
+    """Whether ``logits`` is the head's output ``hidden`` itself, or a device copy of it (accelerate's hooks)."""
+    if logits is hidden:
+        return True
+    if not isinstance(logits, torch.Tensor) or logits.shape != hidden.shape or logits.dtype != hidden.dtype:
+        return False
+    node = logits.grad_fn
+    if node is None or hidden.grad_fn is None:
+        # no autograd graph to read (nothing upstream requires grad): compare the values (tokens x hidden)
+        return logits.device != hidden.device and torch.equal(logits.to(hidden.device), hidden)
+    for _ in range(8):  # .to(device) copies, possibly several (one per hook)
+        if node is None or node.name() != "ToCopyBackward0":
+            return False
+        node = node.next_functions[0][0]
+        if node is hidden.grad_fn:
+            return True
+    return False
+
+
+def _io_device(module: nn.Module) -> torch.device | None:
+    """Where accelerate's hook on ``module`` moves its outputs (``io_same_device``), if it does."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        if getattr(h, "io_same_device", False) and getattr(h, "input_device", None) is not None:
+            return torch.device(h.input_device)
+    return None
+
+
+class _NoReplicas:
+    """Instance ``_replicate_for_data_parallel`` of the patched modules: refuse ``nn.DataParallel`` replicas.
+
+    A replica copies the module's ``__dict__``, so it would share the patched ``forward``, which
+    calls the original module (its parameters on the first device): the replicas would compute
+    with the wrong weights. ``DataParallel`` on one device (or on the CPU) does not replicate and works.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.kind = type(module).__name__
+
+    def __call__(self) -> nn.Module:
+        raise UnsupportedModelError(
+            f"torch.nn.DataParallel cannot replicate this {self.kind}: kbitprep's memory modes (chunked_head, "
+            "offload) patched its forward, and the replicas would run the original module's forward with the "
+            "first device's weights. Use torch.nn.parallel.DistributedDataParallel (one process per GPU), or "
+            "kbitprep.undo(model) and prepare it without memory=..."
+        )
 
 
 def apply_memory_modes(model: nn.Module, plan: Plan) -> str:
@@ -613,13 +943,17 @@ def apply_memory_modes(model: nn.Module, plan: Plan) -> str:
     chunk = int(spec["chunked_head"])
     state = _MemoryState(chunked_head=chunk, offload=bool(spec["offload"]), prepared_chunk=chunk)
     parts = []
-    if state.chunked_head:
-        head = modules[spec["head"]]
+    head_name = spec.get("head") or ""
+    if head_name:  # the chunked head captures its input; offload learns where the backward starts
+        head = modules[head_name]
         head.__dict__["forward"] = _PatchedHead(head, head.__dict__.get("forward"))
+        head.__dict__["_replicate_for_data_parallel"] = _NoReplicas(head)
+    if state.chunked_head:
         parts.append(f"chunked output head ({state.chunked_head}-token chunks)")
     if state.offload:
-        parts.append("offloaded checkpointing (pinned CPU memory, side CUDA stream)")
+        parts.append("offloaded checkpointing (pinned CPU memory, side CUDA stream, each storage once)")
     target.__dict__["forward"] = _PatchedForward(target, target.__dict__.get("forward"))
+    target.__dict__["_replicate_for_data_parallel"] = _NoReplicas(target)
     target.__dict__[_STATE_ATTR] = state
     return "memory: " + " + ".join(parts)
 
@@ -632,30 +966,28 @@ def _state_of(model: nn.Module) -> _MemoryState | None:
     return None
 
 
+_COUNTERS = ("packed", "offloaded", "offloaded_bytes", "deduped", "kept", "host_bytes", "peak_host_bytes")
+
+
 def memory_modes(model: nn.Module) -> dict[str, Any]:
     """The memory modes active on a prepared model: ``{"chunked_head": tokens, "offload": bool, ...}``.
 
-    ``offloaded`` / ``offloaded_bytes`` count the tensors the offload hooks moved so far, and
-    ``chunked_head_fallback`` says why the chunked head was given up, if it was.
+    The offload counters (see :class:`OffloadHooks`) add up over the forwards so far: ``packed``
+    (saved tensors seen), ``offloaded`` / ``offloaded_bytes`` (copies to host memory, one per
+    distinct storage region, and their bytes), ``deduped`` (saved tensors that shared a copy),
+    ``kept`` (left on the device because the backward needs them first), ``host_bytes`` /
+    ``peak_host_bytes`` (pinned host memory the copies hold now / at most). ``chunked_head_fallback``
+    says why the chunked head was given up, if it was.
     """
     state = _state_of(model)
-    if state is None:
-        return {
-            "chunked_head": 0,
-            "offload": False,
-            "packed": 0,
-            "offloaded": 0,
-            "offloaded_bytes": 0,
-            "chunked_head_fallback": "",
-        }
-    return {
-        "chunked_head": state.chunked_head,
-        "offload": state.offload,
-        "packed": state.offloader.packed,
-        "offloaded": state.offloader.offloaded,
-        "offloaded_bytes": state.offloader.offloaded_bytes,
-        "chunked_head_fallback": state.head_fallback,
+    out: dict[str, Any] = {
+        "chunked_head": state.chunked_head if state else 0,
+        "offload": state.offload if state else False,
     }
+    for name in _COUNTERS:
+        out[name] = int(getattr(state.offloader, name, 0)) if state else 0
+    out["chunked_head_fallback"] = state.head_fallback if state else ""
+    return out
 
 
 def set_memory_modes(
