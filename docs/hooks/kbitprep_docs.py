@@ -4,16 +4,23 @@
   handler): kbitprep's docstrings use Sphinx roles (``:class:`~kbitprep.Plan```). Each one that
   names a documented object becomes a cross-reference (so ``mkdocs build --strict`` fails if it
   is broken), one that names a private or third-party object becomes code, and one that names
-  nothing at all is left as a cross-reference to fail the build. RST ``::`` literal-block markers
-  become ``:``.
+  nothing at all is left as a cross-reference to fail the build. Code in docstrings becomes fenced
+  code before griffe parses them: doctest examples (``>>>`` lines with their output, which
+  Markdown would render as nested blockquotes, ``__name__`` turned bold) become ``pycon`` blocks,
+  and RST literal blocks (a paragraph ending ``::`` and the indented lines after it) ``python``
+  blocks; the ``::`` becomes ``:``.
 * ``on_page_markdown``, an MkDocs hook (listed under ``hooks:``): expands ``<!-- kbitprep-api -->``
   on the API reference page into a mkdocstrings block listing every name ``kbitprep`` exports,
-  except those documented with :mod:`kbitprep.plugin` and :mod:`kbitprep.errors`.
+  except those documented with :mod:`kbitprep.plugin` and :mod:`kbitprep.errors`; when the site
+  has no ``repo_url``, it ends every page with the path of its source file (the edit link then).
+* ``on_config``: with a ``repo_url`` (``KBITPREP_REPO_URL``) and no ``KBITPREP_EDIT_URI``, the edit
+  links point to ``edit/main/docs/``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_MODULES = ("kbitprep.plugin", "kbitprep.errors", "kbitprep.testing")
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):`(~?)([^`<>]+?)`")
 LITERAL_BLOCK = re.compile(r"(\S)::\n")
+DOCTEST_FLAGS = re.compile(r"\s*#\s*doctest:\s*[+-]\w+(?:\s*,\s*[+-]\w+)*\s*$")
+#: A Google-style section title written with RST's ``::`` (``Example::``): the code stays inside the section.
+SECTION_TITLE = re.compile(r"^[ \t]*[A-Z][A-Za-z ]*::$")
 
 
 def _exports(module: Any) -> list[str]:
@@ -52,13 +62,79 @@ def _top_level_api() -> tuple[str, ...]:
     return tuple(names)
 
 
-def on_page_markdown(markdown: str, **kwargs: Any) -> str:
-    """MkDocs hook: expand ``<!-- kbitprep-api -->`` into the top-level API block."""
-    if "<!-- kbitprep-api -->" not in markdown:
-        return markdown
-    members = "\n".join(f"        - {name}" for name in _top_level_api())
-    block = f"::: kbitprep\n    options:\n      members:\n{members}\n"
-    return markdown.replace("<!-- kbitprep-api -->", block)
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def fence_code(text: str) -> str:
+    """Turn a docstring's doctest examples and RST literal blocks into fenced Markdown code blocks."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    in_fence = False
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        if stripped.startswith(("```", "~~~")):
+            in_fence = not in_fence
+            out.append(line)
+            i += 1
+            continue
+        if in_fence:
+            out.append(line)
+            i += 1
+            continue
+        if stripped == ">>>" or stripped.startswith(">>> "):
+            # a doctest example: the prompts and their output, up to a blank or less indented line
+            pad = line[: _indent(line)]
+            j = i
+            while j < len(lines) and lines[j].strip() and _indent(lines[j]) >= len(pad):
+                j += 1
+            body = [pad + DOCTEST_FLAGS.sub("", raw[len(pad) :]) for raw in lines[i:j]]
+            out += [f"{pad}```pycon", *body, f"{pad}```"]
+            i = j
+            continue
+        if stripped.endswith("::") and stripped != "::":
+            # an RST literal block: the indented lines after a paragraph ending "::"
+            base = _indent(line)
+            j = i + 1
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            if j < len(lines) and _indent(lines[j]) > base:
+                end = j
+                while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > base):
+                    end += 1
+                while end > j and not lines[end - 1].strip():
+                    end -= 1
+                block = lines[j:end]
+                content = min(_indent(b) for b in block if b.strip())
+                pad = " " * (content if SECTION_TITLE.match(line) else base)
+                body = [pad + b[content:] if b.strip() else "" for b in block]
+                out += [line[:-1], "", f"{pad}```python", *body, f"{pad}```"]
+                i = end
+                continue
+        out.append(line)
+        i += 1
+    return "\n".join(out)
+
+
+def on_config(config: Any, **kwargs: Any) -> Any:
+    """MkDocs hook: default edit links (``edit/main/docs/``) when a repository URL is configured."""
+    if config.get("repo_url") and not os.environ.get("KBITPREP_EDIT_URI"):
+        config["edit_uri"] = "edit/main/docs/"
+    return config
+
+
+def on_page_markdown(markdown: str, page: Any = None, config: Any = None, **kwargs: Any) -> str:
+    """MkDocs hook: expand ``<!-- kbitprep-api -->``; name the page's source file when there is no repo link."""
+    if "<!-- kbitprep-api -->" in markdown:
+        members = "\n".join(f"        - {name}" for name in _top_level_api())
+        block = f"::: kbitprep\n    options:\n      members:\n{members}\n"
+        markdown = markdown.replace("<!-- kbitprep-api -->", block)
+    if page is not None and config is not None and not config.get("repo_url"):
+        source = f"docs/{page.file.src_uri}"
+        markdown += f"\n\n---\n\n<small>Source of this page: `{source}` in kbitprep's repository.</small>\n"
+    return markdown
 
 
 class SphinxRoles(griffe.Extension):
@@ -71,7 +147,7 @@ class SphinxRoles(griffe.Extension):
         self.rendered = self._rendered_paths(pkg)
         for obj in self._walk(pkg):
             if obj.docstring is not None:
-                text = ROLE.sub(lambda m, o=obj: self._replace(m, o), obj.docstring.value)
+                text = ROLE.sub(lambda m, o=obj: self._replace(m, o), fence_code(obj.docstring.value))
                 obj.docstring.value = LITERAL_BLOCK.sub(r"\1:\n", text)
 
     # -------------------------------------------------------------- what the site renders
