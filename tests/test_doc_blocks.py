@@ -33,6 +33,7 @@ import os
 import re
 import shlex
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -378,3 +379,84 @@ def test_page_blocks_run_as_printed(page: str, workdir: Path, docs_env: None, su
         f" {len(result.samples)} samples ({len(result.checked)} checked against the output), {result.seconds:.1f} s"
         f" (per block: {', '.join(f'line {k} {v:.1f} s' for k, v in result.block_seconds.items())})"
     )
+
+
+# ---------------------------------------------------------------------------------------- the site
+def _hook() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kbitprep_docs_hook", DOCS / "hooks" / "kbitprep_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_hook_fences_doctests_and_literal_blocks() -> None:
+    fence_code = _hook().fence_code
+    doc = (
+        "The pipeline is plan -> prepare::\n\n    x = 1\n\n    y = 2\n\nText.\n\n"
+        "Example:\n    >>> type(x).__name__  # doctest: +ELLIPSIS\n    'int'\n\n"
+        "Example::\n\n    f(x)\n\n```python\n>>> kept\n```"
+    )
+    assert fence_code(doc) == (
+        "The pipeline is plan -> prepare:\n\n```python\nx = 1\n\ny = 2\n```\n\nText.\n\n"
+        "Example:\n    ```pycon\n    >>> type(x).__name__\n    'int'\n    ```\n\n"
+        "Example:\n    ```python\n    f(x)\n    ```\n\n```python\n>>> kept\n```"
+    )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site as ``mkdocs build`` makes it (not strict: ``test_quality.py`` checks strictness)."""
+    out = tmp_path_factory.mktemp("site")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KBITPREP_")}
+    mkdocs = Path(sys.executable).with_name("mkdocs")
+    done = subprocess.run(
+        [str(mkdocs), "build", "--no-strict", "--quiet", "--site-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_api_reference_renders_examples_and_signatures_as_code(site: Path) -> None:
+    pages = {name: (site / "reference" / name / "index.html").read_text() for name in ("kbitprep", "testing")}
+    for name, html in pages.items():
+        assert "<blockquote>" not in html, f"reference/{name}: a doctest rendered as nested blockquotes"
+        assert '<span class="gp">&gt;&gt;&gt; </span>' in html, f"reference/{name}: no pycon prompt"
+    # a dunder in an example stays code (it rendered as <strong>name</strong>)
+    assert "<strong>name</strong>" not in pages["testing"] and "__name__" in pages["testing"]
+    # signatures are formatted over several lines (mkdocstrings needs black or ruff for that)
+    prepare = re.search(
+        r'id="kbitprep.prepare".*?<div class="doc-signature highlight"><pre>(.*?)</pre>', pages["kbitprep"], re.S
+    )
+    assert prepare is not None
+    signature = re.sub(r"<[^>]+>", "", prepare.group(1))
+    assert signature.startswith("prepare(\n    model"), signature[:200]
+
+
+def test_site_has_a_theme_toggle_no_web_fonts_and_names_each_page_source(site: Path) -> None:
+    html = (site / "getting-started" / "index.html").read_text()
+    assert html.count('data-md-color-scheme="slate"') >= 1 and "Switch to dark mode" in html
+    assert "fonts.googleapis.com" not in html
+    assert "Source of this page: <code>docs/getting-started.md</code>" in html
+    assert (site / "assets" / "api-prepare.png").is_file() and 'src="../assets/api-prepare.png"' in html
+
+
+def test_repository_url_gives_repo_and_edit_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mkdocs.config import load_config
+
+    monkeypatch.setenv("KBITPREP_REPO_URL", "https://example.org/kbitprep")
+    monkeypatch.delenv("KBITPREP_EDIT_URI", raising=False)
+    config = _hook().on_config(load_config(str(ROOT / "mkdocs.yml")))
+    assert config["repo_url"] == "https://example.org/kbitprep"
+    assert config["edit_uri"] == "edit/main/docs/"
+    assert {"content.action.edit", "content.action.view"} <= set(config["theme"]["features"])
+    monkeypatch.delenv("KBITPREP_REPO_URL")
+    config = _hook().on_config(load_config(str(ROOT / "mkdocs.yml")))
+    assert config["repo_url"] is None and not config["edit_uri"]

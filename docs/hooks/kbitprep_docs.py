@@ -33,8 +33,9 @@ REFERENCE_MODULES = ("kbitprep.plugin", "kbitprep.errors", "kbitprep.testing")
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):`(~?)([^`<>]+?)`")
 LITERAL_BLOCK = re.compile(r"(\S)::\n")
 DOCTEST_FLAGS = re.compile(r"\s*#\s*doctest:\s*[+-]\w+(?:\s*,\s*[+-]\w+)*\s*$")
-#: A Google-style section title written with RST's ``::`` (``Example::``): the code stays inside the section.
-SECTION_TITLE = re.compile(r"^[ \t]*[A-Z][A-Za-z ]*::$")
+#: A line griffe's Google parser reads as a section or admonition title (``Example:``), written with
+#: RST's ``::``: the code goes inside that section, right below the title (griffe refuses a blank line there).
+SECTION_TITLE = re.compile(r"^[ \t]*\w[\s\w-]*::$")
 
 
 def _exports(module: Any) -> list[str]:
@@ -108,9 +109,10 @@ def fence_code(text: str) -> str:
                     end -= 1
                 block = lines[j:end]
                 content = min(_indent(b) for b in block if b.strip())
-                pad = " " * (content if SECTION_TITLE.match(line) else base)
+                title = bool(SECTION_TITLE.match(line))
+                pad = " " * (content if title else base)
                 body = [pad + b[content:] if b.strip() else "" for b in block]
-                out += [line[:-1], "", f"{pad}```python", *body, f"{pad}```"]
+                out += [line[:-1], *([] if title else [""]), f"{pad}```python", *body, f"{pad}```"]
                 i = end
                 continue
         out.append(line)
