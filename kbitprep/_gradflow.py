@@ -238,6 +238,9 @@ class _Break:
     cls: str
     weight_cls: str
     own_params: bool
+    #: ``""`` when the output stopped requiring grad; else the name of the autograd node without a
+    #: derivative found in the module's own graph (``torch::autograd::WarnNotImplemented``)
+    no_backward: str = ""
 
 
 def _weight_class(module: nn.Module) -> str:
@@ -260,6 +263,7 @@ class _Tracer:
     def __init__(self, model: nn.Module) -> None:
         self.order: dict[str, int] = {}
         self.found: dict[str, _Break] = {}
+        self.blamed: set[Any] = set()  # autograd nodes without a derivative already attributed to a module
         self.handles: list[Any] = []
         for name, mod in model.named_modules():
             self.handles.append(mod.register_forward_hook(self._hook_for(name), with_kwargs=True))
@@ -273,7 +277,13 @@ class _Tracer:
             if not ins:
                 return
             outs = [t for t in _tensors(output) if t.is_floating_point()]
-            if not outs or any(t.requires_grad for t in outs):
+            if not outs:
+                return
+            if any(t.requires_grad for t in outs):
+                cut = self._node_without_backward(ins, outs)
+                if cut:
+                    own = any(True for _ in module.parameters(recurse=False))
+                    self.found[name] = _Break(name or "<model>", _qualname(module), _weight_class(module), own, cut)
                 return
             holds_weights = any(True for _ in module.parameters())
             shapes = {tuple(t.shape) for t in ins}
@@ -285,6 +295,24 @@ class _Tracer:
             self.found[name] = _Break(name or "<model>", _qualname(module), _weight_class(module), own)
 
         return hook
+
+    def _node_without_backward(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> str:
+        """The name of an autograd node with no derivative (an op without an autograd kernel, whose backward
+        gives no gradient) in the graph between the module's inputs and outputs, not yet blamed on a
+        module called earlier; ``""`` when there is none."""
+        stop = {t.grad_fn for t in ins if t.grad_fn is not None}
+        todo: list[Any] = [t.grad_fn for t in outs if t.grad_fn is not None]
+        seen: set[Any] = set()
+        while todo and len(seen) < 20_000:
+            fn = todo.pop()
+            if fn is None or fn in seen or fn in stop:
+                continue
+            seen.add(fn)
+            if "NotImplemented" in fn.name() and fn not in self.blamed:
+                self.blamed.add(fn)
+                return str(fn.name())
+            todo.extend(nxt for nxt, _ in fn.next_functions)
+        return ""
 
     def remove(self) -> None:
         for h in self.handles:
@@ -304,9 +332,13 @@ def _qualname(module: nn.Module) -> str:
 def _describe(breaks: list[_Break]) -> str:
     first = breaks[0]
     weight = f", weight {first.weight_cls}" if first.weight_cls else ""
+    if first.no_backward:
+        what = f"its output requires grad, but it runs an op that has no derivative ({first.no_backward})"
+    else:
+        what = "its input requires grad but its output does not"
     text = (
-        f"the autograd chain breaks at {first.name} ({first.cls}{weight}): its input requires grad but its "
-        "output does not, so no gradient reaches anything before it through this path"
+        f"the autograd chain breaks at {first.name} ({first.cls}{weight}): {what}, so no gradient reaches "
+        "anything before it through this path"
     )
     if len(breaks) > 1:
         kinds = Counter(b.cls.rsplit(".", 1)[-1] + (f"[{b.weight_cls}]" if b.weight_cls else "") for b in breaks[1:])
@@ -317,6 +349,11 @@ def _describe(breaks: list[_Break]) -> str:
             f". The {first.weight_cls} weight's forward runs a kernel autograd cannot differentiate (e.g. "
             "activations quantized to integers, or a quantized matmul without a backward): quantize with a "
             "weight-only configuration that trains, or do not train through these layers"
+        )
+    elif first.no_backward:
+        text += (
+            f". Find the op in {first.cls.rsplit('.', 1)[-1]}.forward that has no derivative (a custom or "
+            "library kernel registered without autograd) and use a path that has one"
         )
     else:
         text += (
@@ -403,7 +440,13 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
             loss = _loss_of(out)
             requires = bool(loss.requires_grad)
             if requires:
-                loss.backward()
+                try:
+                    loss.backward()
+                except RuntimeError as exc:
+                    found = tracer.breaks()
+                    raise GradientFlowError(
+                        f"the probe's backward failed ({exc})" + (f": {_describe(found)}" if found else "")
+                    ) from exc
         missing = [n for n, p in trainable if p.grad is None]
         zero = tuple(n for n, p in trainable if p.grad is not None and not bool(p.grad.ne(0).any()))
         breaks = tracer.breaks()

@@ -119,6 +119,83 @@ def test_names_a_hand_made_module_that_detaches(cut: Callable[[], nn.Module], cl
     assert model_state(model) == before
 
 
+# an op registered without an autograd kernel: torch's fallback gives its output a grad_fn
+# (torch::autograd::WarnNotImplemented) whose backward returns no gradient - the CPU bitsandbytes 4-bit trap
+_LIB = torch.library.Library("kbitprep_gradflow_test", "DEF")
+_LIB.define("double(Tensor x) -> Tensor")
+
+
+def _double_kernel(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return x * 2
+
+
+_LIB.impl("double", _double_kernel, "CPU")
+
+
+class _NoAutogradLinear(nn.Linear):
+    """A linear whose kernel has no autograd formula: the output requires grad, the input gets none."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.kbitprep_gradflow_test.double(super().forward(x))
+
+
+def test_names_a_module_whose_kernel_has_no_backward() -> None:
+    model = _Net(_NoAutogradLinear(16, 16))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("layers.0."))
+    with pytest.raises(kbitprep.GradientFlowError) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own "autograd kernel was not registered" warning
+        kbitprep.verify_gradient_flow(model, {"input_ids": torch.arange(8).view(1, 8)})
+    message = str(caught.value)
+    assert f"breaks at layers.1 ({__name__}._NoAutogradLinear)" in message
+    assert "torch::autograd::WarnNotImplemented" in message
+
+
+def test_names_bitsandbytes_layers_repacked_for_inference() -> None:
+    """On a CPU with AVX512-BF16 one eval forward repacks Linear4bit weights for gemv_4bit, which has no
+    autograd: without kbitprep's fix-up, the check names the first Linear4bit and the op."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("no AVX512-BF16: Linear4bit never repacks here (test_names_a_module_whose_kernel_has_no_backward)")
+    from ..backends.cases.bnb import load_bnb_4bit
+    from ..tiny import batch
+
+    model = load_bnb_4bit()
+    with torch.no_grad():
+        model(**batch())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(kbitprep.GradientFlowError) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kbitprep.verify_gradient_flow(model)
+    message = str(caught.value)
+    assert "breaks at model.layers.0.self_attn.q_proj (bitsandbytes.nn.modules.Linear4bit)" in message
+    assert "WarnNotImplemented" in message and "input-require-grads hook" not in message
+
+
+def test_a_backward_that_fails_is_a_gradient_flow_error_naming_the_layer() -> None:
+    """CPU int4 (Int4OpaqueTensor): the matmul's derivative is not implemented, so backward raises; the check
+    turns that into a GradientFlowError that names the first such layer and keeps torch's error as the cause."""
+    pytest.importorskip("torchao")
+    from ..backends.cases.torchao import load_torchao
+
+    model = load_torchao("int4-opaque")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(kbitprep.GradientFlowError) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kbitprep.verify_gradient_flow(model)
+    message = str(caught.value)
+    assert "backward failed (derivative for aten::_weight_int4pack_mm" in message
+    assert (
+        "breaks at model.layers.0.self_attn.q_proj (torch.nn.modules.linear.Linear, weight Int4OpaqueTensor)" in message
+    )
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
 def test_a_healthy_model_has_no_breaks() -> None:
     """Rotary embeddings (cos/sin from positions, input requires grad, output does not) are not breaks."""
     model = tiny_llama()
