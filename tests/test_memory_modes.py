@@ -332,28 +332,107 @@ def test_offload_hooks_round_trip_through_copies() -> None:
             assert p.grad is not None and torch.equal(p.grad, ref_grads[n])
 
 
+#: GPU clock cycles torch.cuda._sleep spins: about 10 ms per copy on the copy stream, 50 ms of backlog on
+#: the compute stream before each forward - far longer than the tiny model's kernels, so a missing
+#: stream wait or record_stream reads memory that is not written yet (or already reused).
+COPY_DELAY_CYCLES = 20_000_000
+BACKLOG_CYCLES = 100_000_000
+
+
+def _cuda_run(
+    model: nn.Module, steps: int, vocab: int = 256, autocast: bool = False, delay: bool = False
+) -> tuple[list[float], list[dict[str, torch.Tensor]], int]:  # pragma: no cover - GPU only
+    """``steps`` AdamW steps on distinct batches; per-step losses and gradients, peak allocated bytes."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    model.train()
+    losses, grads = [], []
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, vocab, (4, 1024), generator=g).cuda()
+        if delay:
+            torch.cuda._sleep(BACKLOG_CYCLES)  # the forward's kernels queue behind this on the compute stream
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+        del out
+    torch.cuda.synchronize()
+    return losses, grads, torch.cuda.max_memory_allocated() - base
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_offload_on_cuda_lowers_peak_and_keeps_the_loss() -> None:  # pragma: no cover - GPU only
+def test_offload_on_cuda_survives_delayed_copies_and_lowers_peak(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # pragma: no cover - GPU only
+    """Several steps with the copy stream delayed and the compute stream backlogged: the results match
+    the run without offload only if every stream wait and record_stream is in place."""
+    from kbitprep import _memory
+
+    layers, steps = 4, 4
     results = {}
     for memory in ("default", "offload"):
-        model = tiny_llama(torch.bfloat16, hidden_size=512, intermediate_size=1024, num_hidden_layers=4).cuda()
+        model = tiny_llama(torch.bfloat16, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers).cuda()
         kbitprep.prepare(model, memory=memory, checkpointing="reentrant")
         _unfreeze_some(model)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, 256, (4, 1024), generator=g).cuda()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss, grads, _ = _train_step(model, {"input_ids": ids, "labels": ids})
-        torch.cuda.synchronize()
-        results[memory] = (loss, grads, torch.cuda.max_memory_allocated() - base)
         if memory == "offload":
-            assert memory_modes(model)["offloaded"] > 0
-    assert results["offload"][0] == pytest.approx(results["default"][0], rel=1e-6)
-    for n, g in results["default"][1].items():
-        torch.testing.assert_close(results["offload"][1][n], g)
-    assert results["offload"][2] < results["default"][2]
+            monkeypatch.setattr(_memory, "_BEFORE_COPY", lambda kind, stream: torch.cuda._sleep(COPY_DELAY_CYCLES))
+        results[memory] = _cuda_run(model, steps, delay=memory == "offload")
+        if memory == "offload":
+            stats = memory_modes(model)
+            # each checkpointed layer's input once per step; the final norm's input and the head's stay
+            assert stats["offloaded"] == steps * layers
+            assert stats["kept"] > 0 and stats["peak_host_bytes"] > 0
+    (ref_losses, ref_grads, ref_peak), (losses, grads, peak) = results["default"], results["offload"]
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for step, (got, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert got.keys() == ref.keys()
+        for n, g in ref.items():
+            torch.testing.assert_close(got[n], g, msg=lambda m, n=n, step=step: f"step {step}, {n}: {m}")
+    assert peak < ref_peak
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lowest_with_bitsandbytes_under_autocast_on_cuda(tmp_path: Any) -> None:  # pragma: no cover - GPU only
+    """The chunked head and offload on a bitsandbytes NF4 model with LoRA under bf16 autocast."""
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(torch.bfloat16, hidden_size=512, intermediate_size=1024, num_hidden_layers=2).save_pretrained(tmp_path)
+    results = {}
+    for memory in ("default", "lowest"):
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+            dtype=torch.bfloat16,
+            device_map={"": 0},
+        )
+        kbitprep.prepare(model, memory=memory)
+        torch.manual_seed(0)
+        lora = peft.get_peft_model(
+            model, peft.LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+        )
+        results[memory] = _cuda_run(lora, 3, autocast=True)
+        if memory == "lowest":
+            stats = memory_modes(lora)
+            assert stats["chunked_head"] == 256 and not stats["chunked_head_fallback"]
+            assert stats["offloaded"] > 0
+    assert results["lowest"][0] == pytest.approx(results["default"][0], rel=1e-3)
+    assert results["lowest"][2] < results["default"][2]
 
 
 # --------------------------------------------------------------------------- presets and bad input
