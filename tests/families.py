@@ -34,6 +34,8 @@ class Family:
         batch: returns the keyword arguments of one training forward (with labels) for a config.
         skip_modules: modules bitsandbytes must leave unquantized (``llm_int8_skip_modules``), for
             heads transformers would otherwise quantize although PEFT must train them in full.
+        text_only_probe: kbitprep's default gradient probe (token ids only) cannot reach every adapter
+            (a vision tower needs pixel values): the probe must then say so rather than pass.
     """
 
     id: str
@@ -42,6 +44,7 @@ class Family:
     task_type: str
     batch: Callable[[Any], dict[str, torch.Tensor]]
     skip_modules: tuple[str, ...] = ()
+    text_only_probe: bool = False
 
     def cls(self) -> type[nn.Module]:
         """The transformers model class."""
@@ -212,6 +215,6 @@ FAMILIES: tuple[Family, ...] = (
         skip_modules=("classifier",),
     ),
     Family("llama-seq-cls", "LlamaForSequenceClassification", _llama_cls, "SEQ_CLS", _classification_batch),
-    Family("llava-vlm", "LlavaForConditionalGeneration", _llava, "CAUSAL_LM", _llava_batch),
+    Family("llava-vlm", "LlavaForConditionalGeneration", _llava, "CAUSAL_LM", _llava_batch, text_only_probe=True),
 )
 """Every family the test runs, in table order."""

@@ -18,9 +18,13 @@ family goes through the same checks; the family x check table is printed at the 
 - ``undo``: prepare then undo gives back exactly the loaded model (:func:`kbitprep.testing.model_state`
   plus every config object of the model, sub-configs and per-stack configs included).
 - ``peft-parity``: the drop-in gives the parameter dtypes, ``requires_grad`` flags, checkpointing
-  flags and input-require-grads hook placement PEFT's ``prepare_model_for_kbit_training`` gives a
-  second load of the same checkpoint.
+  flags, input-require-grads hook placement and ``use_cache`` values (of every config) PEFT's
+  ``prepare_model_for_kbit_training`` gives a second load of the same checkpoint.
 - ``verify``: ``prepare(verify=True)`` passes with kbitprep's default probe inputs.
+- ``verify-lora``: :func:`kbitprep.verify_gradient_flow` on the prepared, LoRA-wrapped model passes with
+  the family's training batch, and with kbitprep's default probe too, except where that probe (token
+  ids only) cannot reach every adapter (LLaVA's vision tower): there it raises GradientFlowError saying
+  which parameters the forward did not use and to pass inputs that exercise them.
 - ``use-cache``: after prepare, no config of the model (sub-configs and per-stack configs such as
   T5's decoder included) keeps ``use_cache=True``, which checkpointed training cannot use.
 - ``eval-first``: an eval-mode forward without grad before prepare (on CPUs with AVX512-BF16 it repacks
@@ -62,6 +66,7 @@ CHECKS = {
     "test_undo_exact": "undo",
     "test_dropin_parity_with_peft": "peft-parity",
     "test_prepare_verify": "verify",
+    "test_verify_gradient_flow_with_adapters": "verify-lora",
     "test_use_cache_off_everywhere": "use-cache",
     "test_eval_forward_before_prepare": "eval-first",
 }
@@ -378,6 +383,9 @@ def test_dropin_parity_with_peft(saved: tuple[Family, Path], model: nn.Module) -
     hooked_a = {n for n, m in theirs.named_modules() if isinstance(m, nn.Embedding | nn.Conv2d) and m._forward_hooks}
     hooked_b = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding | nn.Conv2d) and m._forward_hooks}
     assert hooked_a == hooked_b, "input-require-grads hooks sit on other modules"
+    cache_a = [getattr(c, "use_cache", None) for c in _configs(theirs).values()]
+    cache_b = [getattr(c, "use_cache", None) for c in _configs(model).values()]
+    assert cache_a == cache_b, "the drop-in leaves use_cache as PEFT does (it is prepare() that turns it off)"
 
 
 def test_prepare_verify(model: nn.Module) -> None:
@@ -394,6 +402,22 @@ def test_prepare_verify(model: nn.Module) -> None:
             f"{'; left changed: ' + '+'.join(changed) if changed else '; model restored'}: {str(exc)[:200]}"
         )
     assert kbitprep.report(model).plan.backend == "bnb-4bit"
+
+
+def test_verify_gradient_flow_with_adapters(saved: tuple[Family, Path], model: nn.Module) -> None:
+    """The gradient-flow check on the LoRA-wrapped model: the family's batch, then kbitprep's default probe."""
+    family = saved[0]
+    kbitprep.prepare(model)
+    peft_model = _lora_model(family, model)
+    result = kbitprep.verify_gradient_flow(peft_model, inputs=family.batch(model.config))
+    lora = sum("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert result.ok and result.checked == result.with_grad and result.checked >= lora > 0
+    if family.text_only_probe:
+        with pytest.raises(kbitprep.GradientFlowError, match="pass inputs that exercise them"):
+            kbitprep.verify_gradient_flow(peft_model)
+    else:
+        result = kbitprep.verify_gradient_flow(peft_model)
+        assert result.ok and result.checked >= lora
 
 
 def test_use_cache_off_everywhere(model: nn.Module) -> None:
