@@ -430,13 +430,17 @@ def test_cli_bad_config(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("shape", "limit_s"), [(LLAMA_8B, 60.0), (LLAMA_70B, 180.0)], ids=["8b", "70b"])
 def test_speed_and_memory(shape: dict[str, Any], limit_s: float) -> None:
-    """Every row of an 8B (70B) estimate in under a minute (three) on 2 cores, in well under 2 GB."""
+    """Every row of an 8B (70B) estimate in under a minute (three) on 2 cores, in well under 2 GB.
+
+    Timed in CPU seconds of this process, so that other work on a shared machine does not count
+    (the simulation runs on one thread: fake tensors compute nothing).
+    """
     import resource
 
-    started = time.perf_counter()
+    started, wall = time.process_time(), time.perf_counter()
     result = estimate(_config(shape))
-    elapsed = time.perf_counter() - started
-    assert elapsed < limit_s
+    elapsed = time.process_time() - started
+    assert elapsed < limit_s, (elapsed, time.perf_counter() - wall)
     assert [r.variant for r in result.rows] == list(DEFAULT_VARIANTS)
     assert math.isfinite(result.rows[0].peak_bytes)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
