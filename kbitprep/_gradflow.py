@@ -266,7 +266,10 @@ class _Tracer:
         self.blamed: set[Any] = set()  # autograd nodes without a derivative already attributed to a module
         self.handles: list[Any] = []
         for name, mod in model.named_modules():
-            self.handles.append(mod.register_forward_hook(self._hook_for(name), with_kwargs=True))
+            try:
+                self.handles.append(mod.register_forward_hook(self._hook_for(name), with_kwargs=True))
+            except (RuntimeError, TypeError, AttributeError):  # e.g. a TorchScript module: not traced
+                continue
 
     def _hook_for(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
