@@ -64,6 +64,5 @@ class ToyQuantBackend(Backend):
                 requires=("toyquant",),
                 install_hint=self.install_hint,
                 quantize=_quantize,
-                skip_modules=("lm_head",),
             ),
         )
