@@ -16,7 +16,8 @@ Modes::
 
 Peak memory: on CPU the peak resident set size of the variant's process while training (the
 kernel's high-water mark is reset after the model is loaded and prepared, so loading does not
-count); on CUDA ``torch.cuda.max_memory_allocated`` over the training steps (weights included).
+count); on CUDA ``torch.cuda.max_memory_allocated`` over the training steps (weights included), reported
+beside ``torch.cuda.max_memory_reserved`` and the peak pinned host memory (offload's copies live there).
 Results go to ``--out`` (default ``benchmarks/results/``) as ``<mode>.json`` and ``<mode>.md``.
 """
 
@@ -385,7 +386,10 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+            torch.cuda.reset_peak_host_memory_stats()
         out["allocated_before_train"] = torch.cuda.memory_allocated()
+        out["reserved_before_train"] = torch.cuda.memory_reserved()
     else:
         out["rss_before_train"] = _rss_status("VmRSS")
         out["peak_reset"] = _reset_peak_rss()
@@ -411,6 +415,10 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
         del result
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        # what the device really had to hold: a block freed with record_stream (offload's copy-outs) is
+        # reused only after its copy ended, so allocated flatters offload; reserved does not
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        out["pinned_host_bytes"] = _pinned_host_peak(torch)
     else:
         out["peak_bytes"] = _rss_status("VmHWM")
     out["losses"] = losses
@@ -421,7 +429,21 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
         from kbitprep._memory import memory_modes
 
         out["memory_stats"] = memory_modes(model)
+        if cuda:
+            # the offload copies' own count (bytes held at most), beside the pinned pool torch reports
+            out["offload_host_bytes"] = out["memory_stats"]["peak_host_bytes"]
     return out
+
+
+def _pinned_host_peak(torch: Any) -> int | None:
+    """Peak bytes of torch's pinned host memory pool over the training steps (None where torch cannot say)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None:
+        return None
+    try:
+        return int(stats().get("allocated_bytes.peak", 0))
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def _child_main(argv: list[str]) -> int:
@@ -502,6 +524,11 @@ def compare(runs: dict[str, dict[str, Any]]) -> None:
             else {
                 "param_bytes_after": _ratio(run["param_bytes_after"], base["param_bytes_after"]),
                 "peak_bytes": _ratio(run["peak_bytes"], base["peak_bytes"]),
+                **(
+                    {"peak_reserved_bytes": _ratio(run["peak_reserved_bytes"], base["peak_reserved_bytes"])}
+                    if run.get("peak_reserved_bytes") and base.get("peak_reserved_bytes")
+                    else {}
+                ),
                 "step_s_median": _ratio(run["step_s_median"], base["step_s_median"]),
                 "prepare_s": _ratio(run["prepare_s"], base["prepare_s"]),
                 "loss": _loss_diff(run["losses"], base["losses"]),
@@ -558,19 +585,32 @@ def markdown(result: dict[str, Any]) -> str:
             f"{BACKENDS[backend]}; batch {info.get('batch')} x {info.get('seq')} tokens, {info.get('steps')} steps."
         )
         lines.append("")
+        cuda = meta["device"] == "cuda"
+        extra_head = " peak reserved | x PEFT | pinned host (peak) |" if cuda else ""
         lines.append(
-            f"| variant | params after prepare | x PEFT | {peak_label} | x PEFT | step (median) | x PEFT "
+            f"| variant | params after prepare | x PEFT | {peak_label} | x PEFT |{extra_head} step (median) | x PEFT "
             "| prepare() | max abs loss diff vs PEFT | max rel |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|" + ("---|---|---|" if cuda else "") + "---|---|---|---|---|")
         for run in runs:
             if run.get("error"):
-                lines.append(f"| {run['variant']} | error: {run['error'][:160]} | | | | | | | | |")
+                blanks = " |" * (12 if cuda else 9)
+                lines.append(f"| {run['variant']} | error: {run['error'][:160]}{blanks}")
                 continue
             vs = run.get("vs_peft") or {}
             loss = vs.get("loss") or {}
+            extra = (
+                " {} | {} | {} |".format(
+                    _fmt_bytes(run.get("peak_reserved_bytes")),
+                    _fmt_ratio(vs.get("peak_reserved_bytes")),
+                    _fmt_bytes(run.get("pinned_host_bytes")),
+                )
+                if cuda
+                else ""
+            )
             lines.append(
-                "| {v} | {pb} | {pbr} | {pk} | {pkr} | {st:.3f} s | {str_} | {pr:.1f} ms | {la} | {lr} |".format(
+                "| {v} | {pb} | {pbr} | {pk} | {pkr} |{extra} {st:.3f} s | {str_} | {pr:.1f} ms | {la} | {lr} |".format(
+                    extra=extra,
                     v=run["variant"],
                     pb=_fmt_bytes(run["param_bytes_after"]),
                     pbr=_fmt_ratio(vs.get("param_bytes_after")),
@@ -778,7 +818,9 @@ def main(argv: list[str] | None = None) -> int:
             "peak": "VmHWM of the variant's process, reset after load+prepare+LoRA (training only), "
             f"with MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', MMAP_THRESHOLD)}"
             if conf["device"] == "cpu"
-            else "torch.cuda.max_memory_allocated over the training steps",
+            else "torch.cuda.max_memory_allocated over the training steps; beside it torch.cuda.max_memory_reserved "
+            "(blocks an offload copy still reads are not reusable: allocated flatters offload) and the peak of "
+            "torch's pinned host memory pool (torch.cuda.host_memory_stats), where offload keeps its copies",
             "forced_backend": args.force_backend,
         },
         "variants": conf["variants"],
