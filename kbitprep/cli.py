@@ -4,12 +4,20 @@ Commands::
 
     kbitprep demo      [--backend NAME] [--upcast none|norms|all] [--steps N] [--seed N] [--json]
     kbitprep backends  [--json]
-    kbitprep plan PATH [--quantization SCHEME] [--backend NAME] [--upcast ...] [--checkpointing ...] [--json]
+    kbitprep plan PATH [--quantization SCHEME] [--backend NAME [--allow-mismatch]] [--upcast ...]
+                       [--checkpointing on|off|reentrant|non_reentrant] [--json]
     kbitprep plan --config config.json [--quantization SCHEME] [--dtype ...] [--json]
 
-Every command takes ``--debug`` (tracebacks and library warnings) and ``--json`` (one JSON object
-on stdout, nothing else there; library output is sent to stderr). Tables are aligned plain text;
-colour is used only when the stream is a terminal and ``NO_COLOR`` is not set.
+``--debug`` and ``--json`` may come before or after the command. Without ``--debug`` the command
+prints only kbitprep's own words: what libraries print on stdout (gptqmodel's banner) is discarded,
+their log records (bitsandbytes' "Failed to load CPU gemm_4bit_forward ...") and warnings are
+switched off, and kbitprep's own warnings are one line each, ``kbitprep: warning: ...``.
+``--debug`` shows tracebacks and all library output (on stderr with ``--json``). ``--json`` prints
+one JSON object on stdout and nothing else there. Tables are aligned plain text; colour is used only
+when the stream is a terminal and ``NO_COLOR`` is not set. ``--checkpointing`` takes the values of
+:func:`kbitprep.prepare`'s ``checkpointing=``: ``on`` (``True``: the backend's default mode),
+``off`` (``False``), ``reentrant``, ``non_reentrant``. Error messages name options, not keyword
+arguments (``--allow-mismatch`` for ``allow_mismatch=True``).
 
 Exit codes: 0 success; 1 a user error (missing path, unknown backend or quantization, malformed
 config, backend packages missing ...), reported as one line on stderr, ``kbitprep: error: ...``;
@@ -59,9 +67,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -78,7 +88,6 @@ EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 _QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
-_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "gptqmodel", "GPTQModel", "numba", "hqq", "optimum", "datasets")
 
 
 class UserError(Exception):
@@ -140,37 +149,47 @@ def _process_seconds() -> float | None:
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[TextIO]:
-    """Send everything written to stdout (also by C code, when stdout is file descriptor 1) to
-    stderr; yield a stream to the real stdout for the one JSON document."""
+def _own_stdout(to_stderr: bool) -> Iterator[TextIO]:
+    """Keep stdout for kbitprep's own output: yield a stream to the real stdout, and send everything
+    else written there (by Python code, and by C code when stdout is file descriptor 1) to stderr
+    (``to_stderr``) or nowhere. Libraries print banners on stdout (gptqmodel) that would otherwise
+    mix with kbitprep's tables or break the one JSON document."""
     sys.stdout.flush()
+    sink: TextIO = sys.stderr if to_stderr else io.StringIO()
     try:
         fd: int | None = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):
         fd = None
     if fd != 1:  # stdout replaced in process (tests, notebooks): redirect at the Python level only
         real = sys.stdout
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sink):
             yield real
         return
     saved = os.dup(1)
     real_stream = open(saved, "w", encoding="utf-8", closefd=True)  # noqa: SIM115 - closed below
+    target = 2 if to_stderr else os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
+        os.dup2(target, 1)
+        with contextlib.redirect_stdout(sink):
             yield real_stream
     finally:
         sys.stderr.flush()
         os.dup2(saved, 1)
+        if target != 2:
+            os.close(target)
         real_stream.flush()
         real_stream.close()
 
 
 @contextlib.contextmanager
 def _quiet_libraries(debug: bool) -> Iterator[None]:
-    """Outside ``--debug``: no third-party warnings, logs or loading bars; kbitprep's warnings as one
-    line each. Everything is restored afterwards, so ``main()`` can be called in process."""
+    """Outside ``--debug``: no third-party warnings, no log records (every library's Python logging is
+    switched off, bitsandbytes' "Failed to load CPU gemm_4bit_forward" among them) and no loading bars;
+    kbitprep's own warnings as one line each. Everything is restored afterwards, so ``main()`` can be
+    called in process."""
     from .errors import KbitprepWarning
+
+    shown: set[str] = set()
 
     def show(
         message: Warning | str,
@@ -180,33 +199,35 @@ def _quiet_libraries(debug: bool) -> Iterator[None]:
         file: TextIO | None = None,
         line: str | None = None,
     ) -> None:
-        print(f"kbitprep: warning: {_one_line(message)}", file=sys.stderr)
+        text = _one_line(message).removeprefix("kbitprep: ")
+        if text not in shown:  # once, though the plan and PEFT's plan each raise it
+            shown.add(text)
+            print(f"kbitprep: warning: {text}", file=sys.stderr)
 
     if debug:
         yield
         return
-    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
     env = {k: os.environ.get(k) for k in _QUIET_ENV}
-    hf_logging: Any = None
-    with contextlib.suppress(ImportError):  # transformers is a dependency; be safe anyway
-        from transformers.utils import logging as hf_logging
-    hf_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) if hf_logging else None
+    disabled = logging.root.manager.disable
     with warnings.catch_warnings():
+        # before anything imports a library: some log or warn at import time
         warnings.simplefilter("ignore")
         warnings.simplefilter("default", KbitprepWarning)
         warnings.showwarning = show
-        for name in _NOISY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+        logging.disable(logging.CRITICAL)
         for k, v in _QUIET_ENV.items():
             os.environ.setdefault(k, v)
+        hf_logging: Any = None
+        with contextlib.suppress(ImportError):  # transformers is a dependency; be safe anyway
+            from transformers.utils import logging as hf_logging
+        hf_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) if hf_logging else None
         if hf_logging is not None:
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
         try:
             yield
         finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
+            logging.disable(disabled)
             for k, old in env.items():
                 if old is None:
                     os.environ.pop(k, None)
@@ -487,8 +508,25 @@ def _dtype(text: str) -> Any:
     }[text]
 
 
+#: ``--checkpointing`` choices and the ``checkpointing=`` value of the API each one stands for.
+CHECKPOINTING_CHOICES: dict[str, bool | str] = {
+    "on": True,
+    "off": False,
+    "reentrant": "reentrant",
+    "non_reentrant": "non_reentrant",
+}
+
+
 def _checkpointing(text: str) -> bool | str:
-    return {"on": True, "off": False}.get(text, text)
+    return CHECKPOINTING_CHOICES[text]
+
+
+def _cli_words(message: str) -> str:
+    """An API error message in the command line's words: keyword arguments become options
+    (``allow_mismatch=True`` -> ``--allow-mismatch``, ``backend='hqq'`` -> ``--backend hqq``)."""
+    message = message.replace("allow_mismatch=True", "--allow-mismatch")
+    message = re.sub(r"\b(backend|upcast|checkpointing)='([^']*)'", r"--\1 \2", message)
+    return re.sub(r"\b(backend|upcast|checkpointing)=(?=[\s,.;]|$)", r"--\1", message)
 
 
 def _versus_peft(plan: Any, peft: Any) -> dict[str, Any]:
@@ -505,6 +543,7 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     from ._api import plan as kbit_plan
     from ._metaplan import SCHEMES, load_config, peft_plan, plan_from_config
     from ._render import format_bytes, table
+    from .errors import KbitprepError
 
     style = _Style(out)
     if args.path is None and args.config is None:
@@ -513,6 +552,8 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         )
     if args.path is not None and args.config is not None:
         raise UserError("give either a checkpoint folder or --config, not both")
+    if args.allow_mismatch and args.backend is None:
+        raise UserError("--allow-mismatch applies to a backend chosen with --backend")
     scheme_name = args.quantization or "none"
     quantization: dict[str, Any] | None = None
     if args.config is not None:
@@ -556,10 +597,18 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         try:
             with quiet_stdout(not args.debug):
                 model = load_checkpoint(path, scheme, _dtype(args.dtype))
-        except (OSError, ValueError, TypeError, RuntimeError, KeyError, ImportError) as exc:
-            raise UserError(f"cannot load {path} with quantization {scheme_name}: {_one_line(exc)}") from exc
+        except KbitprepError:
+            raise
+        except Exception as exc:  # whatever the files hold (a corrupt .safetensors, a bad pickle ...)
+            raise UserError(
+                f"cannot load {path} with quantization {scheme_name}: {type(exc).__name__}: {_one_line(exc)}"
+            ) from exc
         plan = kbit_plan(
-            model, backend=args.backend, upcast=args.upcast, checkpointing=_checkpointing(args.checkpointing)
+            model,
+            backend=args.backend,
+            allow_mismatch=args.allow_mismatch,
+            upcast=args.upcast,
+            checkpointing=_checkpointing(args.checkpointing),
         )
         peft = peft_plan(model)
         parameters = sum(p.numel() for p in model.parameters())
@@ -629,12 +678,16 @@ def build_parser() -> argparse.ArgumentParser:
     from ._metaplan import SCHEMES
     from ._policies import UPCAST_POLICIES
 
+    json_help = "print one JSON object on stdout (keys: see docs/cli.md)"
+    debug_help = "show tracebacks and library output (warnings, logs, banners)"
+    parser = _Parser(prog="kbitprep", description="Prepare quantized transformers models for LoRA/QLoRA training.")
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # The same flags after the command. SUPPRESS: a subcommand that is not given them must not reset
+    # what was given before it (argparse copies a subparser's defaults over the namespace).
     common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON object on stdout (keys: see docs/cli.md)")
-    common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
-    parser = _Parser(
-        prog="kbitprep", description="Prepare quantized transformers models for LoRA/QLoRA training.", parents=[common]
-    )
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"kbitprep {__version__}")
@@ -688,12 +741,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="load (or size) the model with this quantization (default: none, as saved)",
     )
     plan.add_argument("--backend", default=None, help="force this backend instead of detecting it")
+    plan.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="with --backend: use that backend even if it does not recognise the model",
+    )
     plan.add_argument("--upcast", choices=list(UPCAST_POLICIES), default=None, help=upcast_help)
     plan.add_argument(
         "--checkpointing",
-        choices=["on", "off", "reentrant", "non_reentrant"],
+        choices=list(CHECKPOINTING_CHOICES),
         default="on",
-        help="on: the backend's default mode (default)",
+        help="on: the backend's default mode (default); off: none; reentrant or non_reentrant: that mode "
+        "(the values of kbitprep.prepare's checkpointing=: True, False, 'reentrant', 'non_reentrant')",
     )
     plan.add_argument(
         "--dtype",
@@ -720,17 +779,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with _quiet_libraries(debug):
-            if args.json:
-                with _stdout_to_stderr() as out:
-                    return commands[args.command](args, out)
-            return commands[args.command](args, sys.stdout)
+            if debug and not args.json:
+                return commands[args.command](args, sys.stdout)
+            with _own_stdout(to_stderr=debug) as out:
+                return commands[args.command](args, out)
     except KeyboardInterrupt:
         print("kbitprep: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (UserError, KbitprepError) as exc:
         if debug:
             traceback.print_exc()
-        print(f"kbitprep: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"kbitprep: error: {_cli_words(_one_line(exc))}", file=sys.stderr)
         return EXIT_USER
     except Exception as exc:
         if debug:
