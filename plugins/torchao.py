@@ -139,7 +139,7 @@ def _refusals(blocked: list[str], act_quant: dict[str, str]) -> list[str]:
         kinds = ", ".join(sorted(set(act_quant.values())))
         reasons.append(
             f"{len(act_quant)} layer(s) quantize their input activations in the forward ({kinds}; first: "
-            f"{first}): the activations are rounded to integers by ops without autograd, so these layers' "
+            f"{first}): the activations are rounded to int8/float8 by ops without autograd, so these layers' "
             "outputs do not require grad and no gradient reaches the layers or adapters before them (with a "
             "quantized output head, backward fails). To train LoRA, quantize with a weight-only config "
             "(Int8WeightOnlyConfig or IntxWeightOnlyConfig: same weight storage, float activations) and keep "

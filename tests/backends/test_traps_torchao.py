@@ -168,3 +168,36 @@ def test_weight_only_configs_built_with_quantize_train_every_linear(kind: str) -
     kbitprep.prepare(model, verify=True)
     names, missing = lora_steps(model, targets=ALL_LINEAR)
     assert len(names) == 28 and not missing, missing[:4]
+
+
+def test_float8_activation_quantization_is_refused_by_its_attribute() -> None:
+    """Float8DynamicActivationFloat8WeightConfig needs CUDA (sm89+), so the Float8Tensor it makes is built
+    directly here: ``act_quant_kwargs`` alone makes the plan refuse it, naming the config; its forward
+    does not even run on the CPU. (Same mechanism as int8: activations quantized by ops without autograd.)"""
+    from torch import nn
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import (
+        Float8Tensor,
+        QuantizeTensorToFloat8Kwargs,
+    )
+
+    linear = nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+    weight = Float8Tensor.from_hp(
+        linear.weight.detach(),
+        granularity=PerRow(),
+        act_quant_kwargs=QuantizeTensorToFloat8Kwargs(granularity=PerRow()),
+    )
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    model = nn.Sequential(nn.Embedding(16, 64, dtype=torch.bfloat16), linear)
+    the_plan = kbitprep.plan(model)
+    assert the_plan.backend == "torchao" and not the_plan.trainable
+    assert "Float8Tensor with act_quant_kwargs, from Float8DynamicActivationFloat8WeightConfig" in (
+        the_plan.not_trainable_reason
+    )
+    with pytest.raises(AssertionError):
+        linear(torch.randn(2, 64, dtype=torch.bfloat16))
+    weight_only = nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+    weight_only.weight = nn.Parameter(
+        Float8Tensor.from_hp(weight_only.weight.detach(), granularity=PerRow()), requires_grad=False
+    )
+    assert kbitprep.plan(nn.Sequential(nn.Embedding(16, 64, dtype=torch.bfloat16), weight_only)).trainable
