@@ -11,19 +11,21 @@ in their loaded dtype where the backend allows it, instead of PEFT's fp32 upcast
   it is active the model returns ``logits=None``: call the model without ``labels`` (or switch the
   mode off with :func:`set_memory_modes`) to get logits.
 * **offloaded checkpointing** (``offload``): tensors autograd saves for backward during the
-  forward (with reentrant checkpointing: the inputs of each checkpointed layer, and whatever the
-  embedding, the final norm and the head save) are kept in pinned CPU memory. The device-to-host
-  copies run on a separate CUDA stream so the forward does not wait for them; the backward copies
-  them back asynchronously on its own stream. Where tensors already live in CPU memory (a CPU
+  forward (with reentrant or non-reentrant checkpointing alike: the inputs of each checkpointed
+  layer, plus what the embedding saves) are kept in pinned CPU memory, each storage copied once;
+  what the backward needs first (from the output head on, and the tensor saved just before it)
+  stays on the device. The device-to-host copies run on a side CUDA stream so the forward does not
+  wait for them; the backward copies each storage back on the compute stream once its copy-out
+  ended (no prefetch; see :class:`OffloadHooks`). Where tensors already live in CPU memory (a CPU
   model) nothing is copied and training is unchanged.
 * **presets** (``memory="lowest"``): no upcast + reentrant checkpointing + chunked head + offload.
 
 The modes are chosen with ``kbitprep.plan(model, memory=...)`` / ``kbitprep.prepare(model,
 memory=...)``, carried by the plan (``plan.extras["memory"]``) and installed by
 :func:`apply_memory_modes`, a step of the core's atomic transaction (``kbitprep._mutation``): it
-sets instance attributes (``forward`` of the causal-LM module and of its output head, and a state
-object), so a failing prepare and :func:`kbitprep.undo` remove them exactly. Nothing in this module
-changes a model outside that step.
+sets instance attributes (``forward`` and ``_replicate_for_data_parallel`` of the causal-LM module
+and of its output head, and a state object), so a failing prepare and :func:`kbitprep.undo` remove
+them exactly. Nothing in this module changes a model outside that step.
 """
 
 from __future__ import annotations
@@ -76,9 +78,12 @@ MEMORY_PRESETS: dict[str, str] = {
     "backend allows it) and its default checkpointing; no extra memory mode",
     "chunked_head": f"output head and loss in checkpointed {DEFAULT_CHUNK_TOKENS}-token chunks "
     "(causal-LM training with labels; the model returns logits=None then)",
-    "offload": "tensors saved for backward kept in pinned CPU memory, copied on a separate CUDA stream",
+    "offload": "tensors saved for backward kept in pinned CPU memory (each storage copied once, on a side "
+    "CUDA stream; what the backward needs first stays on the device)",
     "lowest": "no upcast + reentrant checkpointing + chunked output head + offloaded checkpointing",
 }
+"""The named memory presets (``memory=`` of :func:`kbitprep.plan` / :func:`kbitprep.prepare`), each with
+a one-line description of what it does; the keys are the valid preset names."""
 
 _MAPPING_KEYS = ("preset", "chunked_head", "offload")
 _STATE_ATTR = "_kbitprep_memory"
@@ -1031,7 +1036,14 @@ def set_memory_modes(
 
 @contextlib.contextmanager
 def full_logits(model: nn.Module) -> Iterator[None]:
-    """Within the block, a model with the chunked head computes and returns full logits."""
+    """Within the block, a model prepared with the chunked head computes and returns full logits.
+
+    For code that reads ``outputs.logits`` while training (metrics, distillation); the chunk size
+    prepared is restored on exit, also after an exception.
+
+    Raises:
+        NotPreparedError: no memory mode was installed on this model.
+    """
     before = set_memory_modes(model, chunked_head=False)
     try:
         yield
