@@ -37,7 +37,7 @@ from torch import nn
 
 from ._estimate_sim import PARTS, SimSetup, simulate
 from ._render import format_bytes, table
-from .errors import InvalidPolicyError, KbitprepError
+from .errors import InvalidPolicyError, KbitprepError, UnsupportedModelError
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -487,6 +487,8 @@ def estimate(
     Raises:
         InvalidPolicyError: an invalid option (the message says what is valid).
         ConfigError: the config cannot be read or built.
+        UnsupportedModelError: the model's code cannot run on fake tensors (for example
+            mixture-of-experts layers whose kernels check real dtypes or data).
         KbitprepError: an unknown quantization scheme.
     """
     from ._metaplan import SCHEMES, config_dtype
@@ -558,8 +560,17 @@ def estimate(
                 )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                res, _ = _simulate_variant(cfg, scheme, float_dtype, rv, common)
+                try:
+                    res, _ = _simulate_variant(cfg, scheme, float_dtype, rv, common)
+                except KbitprepError:
+                    raise
+                except Exception as exc:  # the model code cannot run on fake tensors
+                    raise UnsupportedModelError(
+                        f"cannot simulate a training step of this {getattr(config, 'model_type', '?')} model "
+                        f"({rv.name} row) on fake tensors: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                    ) from exc
             results.append(res)
+            notes.extend(f"{rv.name}: {n}" for n in res.notes if f"{rv.name}: {n}" not in notes)
             done += 1
         peak, parts, largest, off, lp = _extrapolate(results, sims, layers)
         lora_params = lp

@@ -268,6 +268,27 @@ def test_layer_extrapolation_matches_simulating_every_layer() -> None:
         assert a.peak_bytes == pytest.approx(b.peak_bytes, rel=0.01), a.variant
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2"])
+def test_other_architectures(model_type: str) -> None:
+    """Not only Llama: any causal LM transformers builds runs through the same real model code.
+
+    Gemma 2 soft-caps its logits, so the chunked head steps aside (full logits); the row says so
+    and costs what the default row costs.
+    """
+    from transformers import AutoConfig
+
+    settings = {k: v for k, v in TINY.items() if k != "tie_word_embeddings"}
+    cfg = AutoConfig.for_model(model_type, **settings, head_dim=32)
+    result = estimate(cfg, batch=2, seq=64, variants=["peft", "default", "chunked_head"])
+    peft_row, default, chunked = result.rows
+    assert peft_row.peak_bytes > default.peak_bytes > 0
+    if model_type == "gemma2":
+        assert chunked.peak_bytes == default.peak_bytes
+        assert any("chunked output head does not apply" in n for n in result.notes)
+    else:
+        assert not any("does not apply" in n for n in result.notes)
+
+
 # --------------------------------------------------------------------------- the API and the CLI
 
 
