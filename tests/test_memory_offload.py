@@ -308,3 +308,52 @@ def test_plan_refuses_memory_modes_on_a_data_parallel_model() -> None:
     assert plan.extras["memory"]["chunked_head"] == 0 and plan.extras["memory"]["offload"] is False
     assert any("DataParallel" in n for n in plan.notes)
     assert model_state(model) == before
+
+
+# --------------------------------------------------------------------------- a real quantized model
+
+
+def test_lowest_with_copies_on_a_bnb_model_with_lora_under_autocast(copies: list[Any]) -> None:
+    """The CUDA test's setup on the CPU: bitsandbytes NF4, LoRA, bf16 autocast, 2 AdamW steps; every
+    saved tensor of the offload path really copied (force_copy) gives the same losses and adapters."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .tiny import saved_tiny_llama
+
+    runs = {}
+    for memory in ("default", "lowest"):
+        model = AutoModelForCausalLM.from_pretrained(
+            saved_tiny_llama(),
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            ),
+            dtype=torch.bfloat16,
+        )
+        kbitprep.prepare(model, memory=memory)
+        if memory == "lowest":
+            state = _state_of(model)
+            assert state is not None
+            state.offloader = OffloadHooks(min_bytes=2 * SEQ * 64 * 2, force_copy=True)  # bf16 layer inputs
+        torch.manual_seed(0)
+        lora = peft.get_peft_model(
+            model, peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+        )
+        opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(2):
+            lora.train()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = lora(**_batch(seed=step))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(out.loss.detach()))
+        adapters = {n: p.detach().clone() for n, p in lora.named_parameters() if "lora_" in n}
+        runs[memory] = (losses, adapters, memory_modes(lora))
+    (ref_losses, ref_adapters, _), (losses, adapters, stats) = runs["default"], runs["lowest"]
+    assert stats["offloaded"] == len(copies) == 2 * 2  # 2 layer inputs a step, 2 steps
+    assert losses == pytest.approx(ref_losses, rel=2e-3)
+    for name, a in ref_adapters.items():
+        torch.testing.assert_close(adapters[name], a, rtol=0.05, atol=2e-3)
