@@ -29,7 +29,8 @@ __all__ = ["ParamPlan", "Plan", "build_plan", "checkpointing_target", "input_emb
 
 @dataclass(frozen=True)
 class ParamPlan:
-    """What happens to one parameter (tied parameters appear once, with every name in ``aliases``)."""
+    """What happens to one parameter, or to a buffer a backend declares quantized storage (tied
+    parameters appear once, with every name in ``aliases``)."""
 
     name: str
     aliases: tuple[str, ...]
@@ -439,6 +440,30 @@ def build_plan(
                 bytes_after=after,
                 quantized=quantized,
                 adapter=adapter,
+            )
+        )
+    # Buffers a backend declares quantized storage (GPTQ's int32 qweight, a library keeping its int8
+    # weights and scales in buffers) are counted too: protected, never frozen or cast.
+    owners = dict(model.named_modules())
+    seen_buffers: set[int] = set()
+    for bname, buf in model.named_buffers():
+        if bname not in decl.quantized or id(buf) in seen_buffers:
+            continue
+        seen_buffers.add(id(buf))
+        nbytes = tensor_nbytes(buf)
+        params.append(
+            ParamPlan(
+                name=bname,
+                aliases=(bname,),
+                module_type=type(owners[bname.rpartition(".")[0]]).__name__,
+                shape=tuple(buf.shape),
+                dtype_before=buf.dtype,
+                dtype_after=buf.dtype,
+                requires_grad_before=False,
+                requires_grad_after=False,
+                bytes_before=nbytes,
+                bytes_after=nbytes,
+                quantized=True,
             )
         )
     if not any_float and not any(det.modules for _, det in sel.detections):

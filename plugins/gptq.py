@@ -29,7 +29,10 @@ class GptqBackend(Backend):
     def detect(self, model: nn.Module) -> Detection | None:
         """Claim the modules that are gptqmodel GPTQ layers."""
         return detect_layers(
-            model, GPTQ_LAYER, describe=lambda m: f"{class_path(m)} (a GPTQ layer)", quant_methods=("gptq",)
+            model,
+            GPTQ_LAYER,
+            describe=lambda m: f"{class_path(m)} (a {GPTQ_LAYER.rsplit('.', 1)[-1]})",
+            quant_methods=("gptq",),
         )
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:

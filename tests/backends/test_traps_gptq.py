@@ -46,7 +46,9 @@ def test_storage_is_buffers_and_every_buffer_is_declared_and_kept() -> None:
     assert expected <= declared
     plan = kbitprep.plan(model, upcast="all")
     assert plan.backend == "gptq"
-    assert not plan.quantized  # nothing among the parameters: the storage is all buffers
+    # nothing among the parameters: the storage is all buffers, which the plan counts as quantized
+    assert {p.name for p in plan.quantized} == set(declared)
+    assert not any(p.name in dict(model.named_parameters()) for p in plan.quantized)
 
     digests = tensor_digests(model, declared)
     kbitprep.prepare(model, upcast="all")
