@@ -287,6 +287,10 @@ _UNITS.update({"gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "
 def parse_bytes(text: str | int | float) -> int:
     """``"24GB"`` -> ``24_000_000_000``; ``"80GiB"``, ``"1.5 TB"``, plain numbers (bytes) too.
 
+    Example:
+        >>> parse_bytes("24GB"), parse_bytes("1 GiB")
+        (24000000000, 1073741824)
+
     Raises:
         InvalidPolicyError: not a size.
     """
