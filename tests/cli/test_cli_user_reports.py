@@ -29,6 +29,7 @@ NOISY_PLUGIN = '''
 stdout), and which is noisy itself in every other way a library can be."""
 
 import logging
+import os
 import warnings
 
 import gptqmodel  # noqa: F401 - prints its banner
