@@ -35,6 +35,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         check = f"{check}-{callspec.params['mode'].replace('_', '-')}"
     if case.stand_in:
         MATRIX_NOTES[case.id] = f"stand-in: {case.stand_in}"
+    if case.not_trainable:
+        MATRIX_NOTES[case.id] = "not trainable: prepare and the drop-in refuse it up front (NotTrainableError)"
     if rep.when == "call" or (rep.when == "setup" and not rep.passed):
         if rep.skipped:
             reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
@@ -42,7 +44,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         elif rep.failed:
             MATRIX[case.id][check] = ("FAIL", rep.head_line or "")
         else:
-            MATRIX[case.id][check] = ("pass", "")
+            refused = bool(case.not_trainable) and check not in ("detect", "plan")
+            MATRIX[case.id][check] = ("refused" if refused else "pass", "")
     return rep
 
 

@@ -27,6 +27,9 @@ class BackendCase:
             installs the stand-in only for the duration of the test); ``None`` for none.
         train_dtype: autocast-free compute; inputs are token ids so no dtype is needed.
         notes: printed with the matrix.
+        not_trainable: a regular expression the :class:`~kbitprep.NotTrainableError` message must match when
+            kbitprep must refuse the model up front; the storage, train, undo and parity checks then assert
+            the refusal (prepare and the drop-in, model unchanged) instead. ``""`` for rows that train.
     """
 
     id: str
@@ -37,6 +40,7 @@ class BackendCase:
     peft_fails: str = ""
     stand_in: str = ""
     notes: str = ""
+    not_trainable: str = ""
     context: Callable[[], AbstractContextManager[object]] | None = None
     extra: dict[str, object] = field(default_factory=dict)
 

@@ -46,6 +46,22 @@ def _declarations(model: torch.nn.Module) -> tuple[str, kbitprep.Declarations]:
     )
 
 
+def _refused(case: BackendCase, model: torch.nn.Module) -> bool:
+    """For a row kbitprep must refuse: plan says not trainable, prepare and the drop-in raise
+    NotTrainableError with the expected reason, and the model is unchanged. False for rows that train."""
+    if not case.not_trainable:
+        return False
+    before = model_state(model)
+    plan = kbitprep.plan(model)
+    assert not plan.trainable and plan.not_trainable_reason
+    with pytest.raises(kbitprep.NotTrainableError, match=case.not_trainable):
+        kbitprep.prepare(model)
+    with pytest.raises(kbitprep.NotTrainableError, match=case.not_trainable):
+        kbitprep.prepare_model_for_kbit_training(model)
+    assert model_state(model) == before
+    return True
+
+
 @pytest.mark.matrix("detect")
 def test_detected_with_evidence(case: BackendCase) -> None:
     model = case.build()
@@ -75,6 +91,8 @@ def test_plan_matches_declarations_and_changes_nothing(case: BackendCase) -> Non
 @pytest.mark.matrix("storage")
 def test_prepare_keeps_quantized_storage_and_freezes(case: BackendCase) -> None:
     model = case.build()
+    if _refused(case, model):
+        return
     _, decl = _declarations(model)
     if case.backend != "unquantized":
         assert decl.quantized, "a quantized backend must declare its quantized storage"
@@ -99,6 +117,8 @@ def test_lora_forward_backward_step(case: BackendCase, mode: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     model = case.build()
+    if _refused(case, model):
+        return
     _, decl = _declarations(model)
     if CheckpointMode(mode) not in decl.checkpointing:
         pytest.skip(f"{case.backend} does not support {mode} checkpointing")
@@ -127,6 +147,8 @@ def test_lora_forward_backward_step(case: BackendCase, mode: str) -> None:
 @pytest.mark.matrix("undo")
 def test_undo_exact_and_second_prepare_is_noop(case: BackendCase) -> None:
     model = case.build()
+    if _refused(case, model):
+        return
     before = model_state(model)
     kbitprep.prepare(model)
     prepared = model_state(model)
@@ -141,7 +163,10 @@ def test_undo_exact_and_second_prepare_is_noop(case: BackendCase) -> None:
 def test_parity_with_peft(case: BackendCase) -> None:
     from peft import prepare_model_for_kbit_training as peft_prepare
 
-    ours, theirs = case.build(), case.build()
+    ours = case.build()
+    if _refused(case, ours):
+        return
+    theirs = case.build()
     if case.peft_fails:
         with pytest.raises(Exception, match=case.peft_fails):
             peft_prepare(theirs)

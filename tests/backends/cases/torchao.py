@@ -100,7 +100,7 @@ CASES = [
 
 
 #: Rows that kbitprep must refuse (``NotTrainableError`` up front, model unchanged): (id, build, reason
-#: pattern). Not in :data:`CASES` because every matrix check prepares and trains.
+#: pattern). The matrix shows them as "refused" (see ``BackendCase.not_trainable``).
 NOT_TRAINABLE: list[tuple[str, Callable[[], torch.nn.Module], str]] = [
     (
         "torchao-dyn-int8",
@@ -122,4 +122,12 @@ NOT_TRAINABLE: list[tuple[str, Callable[[], torch.nn.Module], str]] = [
         lambda: quantized_tiny_llama("dyn-intx"),
         r"quantize their input activations.*Int8DynamicActivationIntxWeightConfig",
     ),
+]
+
+# The two rows loaded through TorchAoConfig go into the matrix (detected, planned, refused with the model
+# unchanged); the quantize_ variants are checked in test_traps_torchao.py.
+CASES += [
+    BackendCase(id=row_id, backend="torchao", build=build, requires=("torchao",), not_trainable=reason)
+    for row_id, build, reason in NOT_TRAINABLE
+    if not row_id.endswith("quantize_")
 ]
