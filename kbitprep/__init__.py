@@ -22,6 +22,7 @@ from ._api import plan, prepare, prepare_model_for_kbit_training, report, undo
 from ._fsdp import FsdpSetting, FsdpWarning, detect_fsdp
 from ._gradflow import GradientFlowResult, verify_gradient_flow
 from ._lora import lora_config, lora_targets
+from ._memory import MEMORY_PRESETS, full_logits, memory_modes, set_memory_modes
 from ._mutation import Report
 from ._patch_peft import PeftPatch, patch_peft
 from ._planning import ParamPlan, Plan
@@ -91,6 +92,7 @@ def plugin_failures() -> list[PluginFailure]:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "MEMORY_PRESETS",
     "UPCAST_POLICIES",
     "AlreadyPreparedWarning",
     "Backend",
@@ -138,8 +140,10 @@ __all__ = [
     "default_registry",
     "detect_fsdp",
     "errors",
+    "full_logits",
     "lora_config",
     "lora_targets",
+    "memory_modes",
     "patch_peft",
     "plan",
     "plugin_failures",
@@ -147,6 +151,7 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "register",
     "report",
+    "set_memory_modes",
     "strict_mode",
     "training_arguments_for",
     "undo",

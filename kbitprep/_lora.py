@@ -119,7 +119,8 @@ def lora_config(
         r: the LoRA rank.
         lora_alpha: PEFT's ``lora_alpha`` (default ``2 * r``).
         include_head: also target the output head.
-        registry, backend: as for :func:`kbitprep.plan`.
+        registry: the backend registry, as for :func:`kbitprep.plan`.
+        backend: the backend by name, as for :func:`kbitprep.plan`.
         **lora_kwargs: passed to ``peft.LoraConfig`` (``lora_dropout``, ``task_type``, ...).
 
     Raises:
