@@ -13,7 +13,6 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -53,12 +52,6 @@ def model_lock(model: nn.Module) -> threading.RLock:
         if lock is None:
             lock = _LOCKS[model] = threading.RLock()
         return lock
-
-
-#: Steps run after the built-in ones, in order: ``fn(model, plan) -> None | str``. Extensions of the core
-#: (memory modes) register here; each runs inside the same transaction. A step may return the label to
-#: record in the report (``""``: nothing was done, record nothing); ``None`` records the registered label.
-EXTRA_STEPS: list[tuple[str, Callable[[nn.Module, Plan], str | None]]] = [("memory modes", apply_memory_modes)]
 
 
 @dataclass(frozen=True)
@@ -262,10 +255,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
         if plan.use_cache_off:
             _turn_off_use_cache(model, plan)
             steps.append(f"use_cache off on {', '.join(plan.use_cache_off)}")
-        for label, step in EXTRA_STEPS:
-            done = step(model, plan)
-            if done != "":
-                steps.append(done if isinstance(done, str) else label)
+        done = apply_memory_modes(model, plan)  # the last step: it patches forwards of a prepared model
+        if done:
+            steps.append(done)
         changes = snapshot.changes()
     except BaseException as exc:
         reverted = snapshot.changes()

@@ -204,10 +204,13 @@ def test_failed_prepare_leaves_no_memory_mode_behind(monkeypatch: pytest.MonkeyP
     model = tiny_llama(torch.bfloat16)
     before = model_state(model)
 
-    def boom(model: nn.Module, plan: object) -> None:
+    real = _mutation.apply_memory_modes
+
+    def boom(model: nn.Module, plan: object) -> str:
+        real(model, plan)  # type: ignore[arg-type]
         raise RuntimeError("a later step failed")
 
-    monkeypatch.setattr(_mutation, "EXTRA_STEPS", [*_mutation.EXTRA_STEPS, ("boom", boom)])
+    monkeypatch.setattr(_mutation, "apply_memory_modes", boom)
     with pytest.raises(RuntimeError, match="later step"):
         kbitprep.prepare(model, memory="lowest")
     assert model_state(model) == before

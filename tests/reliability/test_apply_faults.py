@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from kbitprep import Registry
-from kbitprep._mutation import EXTRA_STEPS
+from kbitprep import Registry, _mutation
 
 from ..distributions import on_path
 from ..tiny import batch, tiny_llama
@@ -122,17 +121,24 @@ def test_failure_after_every_builtin_step(error: type[BaseException], registry: 
         seen.append(True)
         raise error("failed after every built-in step (injected fault)")
 
-    EXTRA_STEPS.append(("reliability: late fault", late_step))
+    real = _mutation.apply_memory_modes
+
+    def memory_then_fault(model: torch.nn.Module, plan: object) -> str:
+        real(model, plan)  # type: ignore[arg-type]
+        late_step(model, plan)
+        return ""
+
+    _mutation.apply_memory_modes = memory_then_fault  # type: ignore[assignment]
     try:
         with pytest.raises(error, match="injected fault"):
             kbitprep.prepare(model, registry=registry, upcast="all", checkpointing="reentrant")
     finally:
-        EXTRA_STEPS.remove(("reliability: late fault", late_step))
+        _mutation.apply_memory_modes = real
     assert seen == [True]
     assert_restored(model, before, f"late step {error.__name__}")
     figures.fault(
         f"failure after every built-in step ({error.__name__})",
-        "an extension step registered in kbitprep._mutation.EXTRA_STEPS",
+        "the last step of prepare's transaction (after the memory modes)",
     )
 
 
