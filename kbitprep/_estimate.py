@@ -544,6 +544,7 @@ def estimate(
         "lora_alpha": alpha,
         "lora_targets": targets,
         "keep_outputs": keep_logits,
+        "autocast": float_dtype in (torch.bfloat16, torch.float16),
     }
     rows: list[EstimateRow] = []
     lora_params = 0
