@@ -81,6 +81,9 @@ class Variant:
         upcast: kbitprep's upcast policy (``None``: the backend's default; ignored for PEFT rows).
         checkpointing: ``True`` (the default mode), ``"reentrant"``, ``"non_reentrant"`` or ``"off"``.
         memory: kbitprep's ``memory=`` choice (a preset name or a mapping), ``None`` for none.
+        offload_impl: what offloads saved tensors when ``memory`` offloads: ``"kbitprep"`` (its
+            hooks) or ``"save_on_cpu"`` (``torch.autograd.graph.save_on_cpu(pin_memory=True)``
+            around the forward and the loss: every saved tensor, parameters included).
     """
 
     name: str
@@ -88,6 +91,7 @@ class Variant:
     upcast: str | None = None
     checkpointing: bool | str | None = True
     memory: str | dict[str, Any] | None = None
+    offload_impl: str = "kbitprep"
 
 
 def _standard_variant(name: str, upcast: str | None, checkpointing: bool | str | None) -> Variant:
@@ -119,7 +123,7 @@ class EstimateRow:
         upcast: the upcast policy the row trains with (``"peft"`` for PEFT's).
         checkpointing: the checkpointing mode.
         memory: the memory modes (``{"chunked_head": tokens, "offload": bool}``).
-        offloaded_bytes: bytes moved to pinned host memory per step (offload rows).
+        offloaded_bytes: the most bytes held in pinned host memory at once (offload rows).
         fits: whether the peak fits ``gpu_memory`` (``None`` when none was given).
         max_batch: the largest batch (at the estimate's sequence length) that fits ``gpu_memory``.
         max_seq: the largest sequence length (at the estimate's batch) that fits ``gpu_memory``.
@@ -375,6 +379,7 @@ class _Resolved:
     memory: dict[str, Any] | None
     upcast: str | None
     modes: Any = None
+    offload_impl: str = "kbitprep"
 
 
 def _resolve_variant(v: Variant, scheme: Any) -> _Resolved:
@@ -395,7 +400,9 @@ def _resolve_variant(v: Variant, scheme: Any) -> _Resolved:
     supported = frozenset(CheckpointMode)
     upcast, ck2 = preset_options(modes, v.upcast, ck, supported)
     mode = "reentrant" if ck2 is True else str(ck2)
-    return _Resolved(v.name, False, upcast or "none", mode, _memory_spec(modes), upcast, modes)
+    if v.offload_impl not in ("kbitprep", "save_on_cpu"):
+        raise InvalidPolicyError(f"offload_impl={v.offload_impl!r} is not valid; use 'kbitprep' or 'save_on_cpu'")
+    return _Resolved(v.name, False, upcast or "none", mode, _memory_spec(modes), upcast, modes, v.offload_impl)
 
 
 def _memory_spec(modes: Any) -> dict[str, Any] | None:
@@ -438,6 +445,7 @@ def _simulate_variant(
         param_dtypes=_param_dtypes(plan),
         checkpointing=rv.checkpointing,
         memory=memory,
+        offload_impl=rv.offload_impl,
         **common,
     )
     return simulate(setup, model, targets), sum(p.numel() for p in model.parameters())

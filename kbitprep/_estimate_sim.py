@@ -19,7 +19,9 @@ What is not the real code:
   (``torch.is_autocast_enabled()`` without a device, which PEFT's bitsandbytes layer asks, answers
   for the CPU while simulating a GPU); attention is torch's fused SDPA (the CPU flash kernel: the
   same saved tensors as the CUDA flash kernel, output and log-sum-exp);
-* offloading: the pack hook drops the device tensor and the unpack hook allocates it again.
+* offloading: kbitprep's real offload hooks run (which tensors go, each storage once, what stays
+  for the backward); their copy to the host allocates nothing on the device and their copy back
+  allocates the region again.
 
 Kernels' internal workspaces (cuBLAS, flash attention's backward accumulators) are not visible;
 nor is the caching allocator's rounding (512 bytes a block).
@@ -33,8 +35,8 @@ import math
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -300,25 +302,21 @@ def _make_stand_in(linear: nn.Linear, scheme: Any, dtype: torch.dtype, target: s
 
 
 @dataclass
-class _SimOffload:
-    """Duck-typed :class:`kbitprep._memory.OffloadHooks`: drops eligible saved tensors, re-allocates them on unpack."""
+class _SimSaveOnCpu:
+    """Duck-typed :class:`kbitprep._memory.OffloadHooks` doing what ``torch.autograd.graph.save_on_cpu``
+    does: every saved tensor (parameters too) goes to the host; the unpack allocates it on the device again."""
 
-    min_bytes: int
     packed: int = 0
     offloaded: int = 0
     offloaded_bytes: int = 0
-    host_bytes: int = 0
-    _eligible: Callable[[torch.Tensor], bool] = field(default=lambda t: False)
+    peak_host_bytes: int = 0
 
     def pack(self, t: torch.Tensor) -> Any:
         self.packed += 1
-        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
-            return t
         n = t.numel() * t.element_size()
-        if n < self.min_bytes:
-            return t
         self.offloaded += 1
         self.offloaded_bytes += n
+        self.peak_host_bytes = self.offloaded_bytes
         return ("host", t.shape, t.stride(), t.dtype, t.device)
 
     def unpack(self, packed: Any) -> torch.Tensor:
@@ -329,6 +327,54 @@ class _SimOffload:
 
     def context(self) -> contextlib.AbstractContextManager[None]:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def _fake_offload_hooks(base: type[Any]) -> Any:
+    """kbitprep's ``OffloadHooks`` with ``force_copy`` (fake CPU tensors stand for CUDA ones), whose
+    eligibility test accepts a fake tensor wherever it accepts a plain one (it tests the exact type)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    class FakeOffloadHooks(base):  # type: ignore[misc,valid-type]
+        def _eligible(self, t: torch.Tensor) -> bool:
+            if type(t) is not FakeTensor:
+                return bool(super()._eligible(t))
+            if isinstance(t._base, nn.Parameter) or t.layout is not torch.strided or t.numel() == 0:
+                return False
+            return bool(t.numel() * t.element_size() >= self.min_bytes)
+
+    return FakeOffloadHooks(force_copy=True)
+
+
+class _HostBytes:
+    """Stands for a host copy: not a tensor, so it is not counted as device memory."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+@contextlib.contextmanager
+def _simulated_offload_copies() -> Iterator[None]:
+    """kbitprep's real offload session with its two copy functions simulated: the copy to the host
+    frees nothing by itself and allocates nothing on the device; the copy back allocates the span on
+    the device once, kept while its saved tensors unpack (as on CUDA)."""
+    from . import _memory
+
+    def copy_to_host(src: torch.Tensor) -> tuple[Any, Any]:
+        return _HostBytes(src.numel() * src.element_size()), None
+
+    def to_device(span: Any) -> torch.Tensor:
+        if span.cached is None:
+            span.cached = torch.empty(span.hi - span.lo, dtype=torch.uint8, device=span.device)
+        cached: torch.Tensor = span.cached
+        return cached
+
+    saved = (_memory._copy_to_host, _memory._to_device)
+    _memory._copy_to_host = copy_to_host  # type: ignore[assignment]
+    _memory._to_device = to_device
+    try:
+        yield
+    finally:
+        _memory._copy_to_host, _memory._to_device = saved
 
 
 # --------------------------------------------------------------------------- building the fake model
@@ -458,6 +504,9 @@ class SimSetup:
         autocast: whether the step runs under autocast in ``dtype``.
         keep_outputs: whether the training loop holds the model's output (the logits) through the
             backward; transformers' Trainer keeps only the loss.
+        offload_impl: ``"kbitprep"`` (kbitprep's real offload hooks, their copies simulated) or
+            ``"save_on_cpu"`` (``torch.autograd.graph.save_on_cpu``: every saved tensor, parameters
+            included, to the host and back).
     """
 
     config: Any
@@ -477,6 +526,7 @@ class SimSetup:
     steps: int = 1
     autocast: bool = True
     keep_outputs: bool = False
+    offload_impl: str = "kbitprep"
 
 
 @dataclass(frozen=True)
@@ -487,7 +537,7 @@ class SimResult:
         peak_bytes: the peak of live bytes over the simulated steps.
         parts: the live bytes at the peak, split by :data:`PARTS`.
         largest_alloc: the largest single allocation that is not a weight or adapter state.
-        offloaded_bytes: bytes the offload hooks moved to host memory per step.
+        offloaded_bytes: the most bytes the offload hooks held in host memory at once.
         lora_params: trainable LoRA parameters.
         ops: aten ops run.
     """
@@ -529,15 +579,15 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(hf, "enable_input_require_grads"):
             hf.enable_input_require_grads()
-    offload: _SimOffload | None = None
+    offload: Any = None
     if setup.memory:
-        apply_memory_modes(model, _PlanLike({"memory": setup.memory}))  # type: ignore[arg-type]
+        apply_memory_modes(model, _PlanLike({"memory": setup.memory}, setup.memory))  # type: ignore[arg-type]
         state = _state_of(model)
         if state is not None and state.offload:
-            from ._memory import OFFLOAD_MIN_BYTES
+            from ._memory import OffloadHooks
 
-            offload = _SimOffload(OFFLOAD_MIN_BYTES)
-            state.offloader = offload  # type: ignore[assignment]
+            offload = _SimSaveOnCpu() if setup.offload_impl == "save_on_cpu" else _fake_offload_hooks(OffloadHooks)
+            state.offloader = offload
     lora = peft.LoraConfig(
         r=setup.lora_r,
         lora_alpha=setup.lora_alpha,
@@ -564,6 +614,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
     def tracked_steps() -> StepTracker:
         if offload is not None:
             offload.offloaded_bytes = 0
+            offload.peak_host_bytes = 0
         tracker = StepTracker(vocab, fake=True)
         for p in pmodel.parameters():
             tracker.register(p, "adapters" if id(p) in adapter_ids else "weights")
@@ -575,7 +626,8 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
                     tracker.register(v, "adapters")
         tracker.register(ids, "weights")
         tracker.register(labels, "weights")
-        with mode, tracker, tracker.saved_hooks(), _simulation_patches(setup.target), warnings.catch_warnings():
+        copies = _simulated_offload_copies() if offload is not None else contextlib.nullcontext()
+        with mode, tracker, tracker.saved_hooks(), _simulation_patches(setup.target), copies, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(setup.steps):
                 with torch.autocast("cpu", dtype=setup.dtype, enabled=setup.autocast):
@@ -610,7 +662,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         peak_bytes=tracker.peak,
         parts=tracker.parts_at_peak(),
         largest_alloc=tracker.largest_alloc,
-        offloaded_bytes=(offload.offloaded_bytes // setup.steps) if offload else 0,
+        offloaded_bytes=int(offload.peak_host_bytes) if offload is not None else 0,
         lora_params=sum(p.numel() for p in trainable),
         ops=tracker.clock,
         live=tuple(tracker.live_at_peak()[:40]),
@@ -621,6 +673,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
 @dataclass
 class _PlanLike:
     extras: dict[str, Any]
+    memory: dict[str, Any] | None = None
 
 
 def _quant_state_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
