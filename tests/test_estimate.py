@@ -289,6 +289,25 @@ def test_other_architectures(model_type: str) -> None:
         assert not any("does not apply" in n for n in result.notes)
 
 
+def test_offload_rows_run_kbitprep_offload_hooks() -> None:
+    """The offload row moves each layer's saved input (2 MiB here) to the host: kbitprep's own hooks
+    decide what goes; save_on_cpu moves more (every saved tensor, the head's included)."""
+    cfg = _config(dict(TINY, hidden_size=512, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8))
+    result = estimate(
+        cfg,
+        batch=4,
+        seq=512,
+        variants=["default", "offload", Variant("soc", memory="offload", offload_impl="save_on_cpu")],
+    )
+    default, offload, soc = result.rows
+    layer_input = 4 * 512 * 512 * 2
+    assert offload.offloaded_bytes >= 3 * layer_input
+    assert soc.offloaded_bytes > offload.offloaded_bytes
+    assert offload.parts["activations"] < default.parts["activations"]
+    assert offload.peak_bytes < default.peak_bytes
+    assert default.offloaded_bytes == 0
+
+
 # --------------------------------------------------------------------------- the API and the CLI
 
 
