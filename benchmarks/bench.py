@@ -269,22 +269,16 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(spec: dict[str, Any]) -> Any:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
+    from transformers import AutoModelForCausalLM
 
-    backend = spec["backend"]
-    if backend == "bnb-nf4":
-        qc: Any = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=_dtype(spec),
-        )
-    elif backend == "torchao-int8":
-        from torchao.quantization import Int8WeightOnlyConfig
+    from kbitprep._metaplan import SCHEMES
 
-        qc = TorchAoConfig(Int8WeightOnlyConfig())
-    else:
-        raise SystemExit(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    # the loading recipe each backend plugin declares with its scheme
+    scheme = {"bnb-nf4": "bnb-4bit", "torchao-int8": "torchao-int8"}.get(spec["backend"])
+    if scheme is None:
+        raise SystemExit(f"unknown backend {spec['backend']!r}; known: {', '.join(BACKENDS)}")
+    build = SCHEMES[scheme].quantization_config
+    qc: Any = build(_dtype(spec))
     kwargs: dict[str, Any] = {"quantization_config": qc, "dtype": _dtype(spec)}
     if spec["device"] == "cuda":
         kwargs["device_map"] = {"": 0}

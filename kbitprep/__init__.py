@@ -19,6 +19,8 @@ import logging as _logging
 
 from . import errors
 from ._api import plan, prepare, prepare_model_for_kbit_training, report, undo
+from ._estimate import Estimate, EstimateRow, estimate
+from ._estimate import Variant as EstimateVariant
 from ._fsdp import FsdpSetting, FsdpWarning, detect_fsdp
 from ._gradflow import GradientFlowResult, verify_gradient_flow
 from ._lora import lora_config, lora_targets
@@ -107,6 +109,9 @@ __all__ = [
     "CheckpointingStatus",
     "Declarations",
     "Detection",
+    "Estimate",
+    "EstimateRow",
+    "EstimateVariant",
     "FixUp",
     "FsdpSetting",
     "FsdpWarning",
@@ -140,6 +145,7 @@ __all__ = [
     "default_registry",
     "detect_fsdp",
     "errors",
+    "estimate",
     "full_logits",
     "lora_config",
     "lora_targets",

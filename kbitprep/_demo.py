@@ -33,7 +33,7 @@ from torch import nn
 from ._api import plan as kbit_plan
 from ._api import prepare as kbit_prepare
 from ._gradflow import GradientFlowResult, verify_gradient_flow
-from ._metaplan import SCHEMES, Scheme, peft_plan
+from ._metaplan import SCHEMES, PlannedScheme, peft_plan
 from ._mutation import Report
 from ._planning import Plan
 from ._policies import UpcastPolicy
@@ -139,40 +139,7 @@ def _model_class(path: Path) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def _quantization_config(scheme: Scheme, dtype: torch.dtype) -> Any:
-    if scheme.name == "bnb-4bit":
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    if scheme.name == "bnb-8bit":
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if scheme.name == "torchao-int8":
-        from torchao.quantization import Int8WeightOnlyConfig
-        from transformers import TorchAoConfig
-
-        return TorchAoConfig(Int8WeightOnlyConfig())
-    if scheme.name == "torchao-int4":
-        from torchao.quantization import IntxWeightOnlyConfig
-        from torchao.quantization.granularity import PerGroup
-        from transformers import TorchAoConfig
-
-        int4 = getattr(torch, "int4")  # noqa: B009 - absent from older torch stubs
-        return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(32)))
-    if scheme.name in ("quanto-int8", "quanto-int4"):
-        from transformers import QuantoConfig
-
-        return QuantoConfig(weights=scheme.name.removeprefix("quanto-"))
-    return None
-
-
-def check_scheme_available(scheme: Scheme, registry: Registry | None = None) -> None:
+def check_scheme_available(scheme: PlannedScheme, registry: Registry | None = None) -> None:
     """Raise :class:`~kbitprep.errors.BackendUnavailableError` (with the install hint) if the
     packages to load ``scheme`` are missing."""
     reg = registry or default_registry()
@@ -186,7 +153,9 @@ def check_scheme_available(scheme: Scheme, registry: Registry | None = None) -> 
         )
 
 
-def load_checkpoint(path: str | Path, scheme: Scheme | str = "none", dtype: torch.dtype | None = None) -> nn.Module:
+def load_checkpoint(
+    path: str | Path, scheme: PlannedScheme | str = "none", dtype: torch.dtype | None = None
+) -> nn.Module:
     """Load a local transformers checkpoint, quantized with ``scheme`` (``"none"``: as saved).
 
     A checkpoint saved already quantized (its config has a ``quantization_config``) loads with it
@@ -197,20 +166,14 @@ def load_checkpoint(path: str | Path, scheme: Scheme | str = "none", dtype: torc
     path = Path(path)
     cls = _model_class(path)
     kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
-    qconfig = _quantization_config(scheme, dtype or torch.bfloat16)
+    build = scheme.quantization_config
+    qconfig = build(dtype or torch.bfloat16) if build is not None else None
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = "cpu"
     model = cls.from_pretrained(path, **kwargs)
-    if scheme.name == "hqq-4bit":
-        from hqq.core.quantize import BaseQuantizeConfig
-        from hqq.models.hf.base import AutoHQQHFModel
-
-        compute = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.bfloat16)
-        with contextlib.redirect_stderr(io.StringIO()):  # hqq draws its own progress bars
-            AutoHQQHFModel.quantize_model(
-                model, quant_config=BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=compute, device="cpu"
-            )
+    if scheme.quantize is not None:  # a scheme transformers cannot load: quantize the loaded model
+        model = scheme.quantize(model, dtype or torch.bfloat16)
     if not isinstance(model, nn.Module):
         raise KbitprepError(f"loading {path} gave {type(model).__name__}, not a model")
     return model
@@ -294,7 +257,7 @@ class DemoResult:
     """Everything the demo did, for the text report and ``--json``."""
 
     backend: DemoBackend
-    scheme: Scheme
+    scheme: PlannedScheme
     model_class: str
     parameters: int
     plan: Plan

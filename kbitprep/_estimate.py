@@ -671,9 +671,11 @@ def _fit(row: EstimateRow, gpu: int, batch: int, seq: int) -> EstimateRow:
 # --------------------------------------------------------------------------- command line
 
 
-def add_estimate_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+def add_estimate_parser(
+    subparsers: Any, parents: Sequence[argparse.ArgumentParser] = (), scheme_type: Any = None
+) -> argparse.ArgumentParser:
     """Add the ``estimate`` sub-command to a ``kbitprep`` command line's sub-parsers; returns its parser."""
-    from ._metaplan import SCHEMES
+    from ._metaplan import scheme_name
     from ._policies import UPCAST_POLICIES
 
     p = subparsers.add_parser(
@@ -686,7 +688,14 @@ def add_estimate_parser(subparsers: Any, parents: Sequence[argparse.ArgumentPars
         "no weights.",
     )
     p.add_argument("--config", required=True, help="a config.json (or a folder holding one)")
-    p.add_argument("--quantization", choices=list(SCHEMES), default="bnb-4bit", help="default: bnb-4bit")
+    p.add_argument(
+        "--quantization",
+        type=scheme_type or scheme_name,
+        default="bnb-4bit",
+        metavar="SCHEME",
+        help="a scheme an installed backend declares (bnb-4bit, bnb-8bit, hqq-4bit, torchao-int4, none, ...; "
+        "default: bnb-4bit)",
+    )
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")

@@ -6,7 +6,8 @@ which must have a single floating-point dtype ("Must flatten tensors with unifor
 breaks that, so every other tool skips preparation under FSDP. kbitprep instead prepares with a
 policy FSDP accepts: no upcast (every frozen parameter keeps its loaded dtype), non-reentrant
 checkpointing where the backend supports it, and a check that the parameters really have one
-dtype, with the bitsandbytes 4-bit case (``bnb_4bit_quant_storage``) called out.
+dtype, including the packed storage a backend declares (:class:`~kbitprep.plugin.ShardedStorage`,
+e.g. bitsandbytes 4-bit's ``bnb_4bit_quant_storage``).
 
 FSDP2 (``fully_shard``) shards each parameter separately and accepts mixed dtypes; the same policy
 is used for it (no fp32 copies of frozen weights either way), but dtype mismatches only warn.
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import FsdpWarning, InvalidPolicyError, UnsupportedModelError
-from .plugin import CheckpointMode, Declarations, quant_method
+from .plugin import CheckpointMode, Declarations, ShardedStorage
 
 if TYPE_CHECKING:
     from ._planning import ParamPlan
@@ -80,7 +81,7 @@ class FsdpSetting:
     activation_checkpointing: bool = False
 
     @property
-    def strict(self) -> bool:
+    def uniform_dtype(self) -> bool:
         """Whether FSDP1's rule (one floating-point dtype per flattened unit) applies."""
         return self.enabled and self.version != 2
 
@@ -209,51 +210,33 @@ def fsdp_choices(
     return upcast, checkpointing, notes, ckpt_note
 
 
-def _as_dtype(value: object) -> torch.dtype | None:
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str):
-        candidate = getattr(torch, value.removeprefix("torch."), None)
-        if isinstance(candidate, torch.dtype):
-            return candidate
-    return None
-
-
-def _bnb_4bit_dtypes(model: nn.Module) -> tuple[torch.dtype | None, torch.dtype | None] | None:
-    """``(quant_storage, compute_dtype)`` of a bitsandbytes 4-bit model, or ``None`` for other models."""
-    if quant_method(model) != "bitsandbytes":
-        return None
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qc is None:
-        return None
-    get = qc.get if isinstance(qc, Mapping) else lambda k, d=None: getattr(qc, k, d)
-    if not (get("load_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False)):
-        return None
-    return _as_dtype(get("bnb_4bit_quant_storage", "uint8")), _as_dtype(get("bnb_4bit_compute_dtype", None))
-
-
 def _short(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
 def check_fsdp_dtypes(
-    model: nn.Module, params: Sequence[ParamPlan], setting: FsdpSetting, *, upcast_label: str
+    model: nn.Module,
+    params: Sequence[ParamPlan],
+    setting: FsdpSetting,
+    *,
+    upcast_label: str,
+    storage: ShardedStorage | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Check that the parameters FSDP will shard have the dtypes it accepts, after the planned upcast.
 
     Returns ``(notes, extras)``. Raises or warns (:class:`~kbitprep.FsdpWarning`) as follows:
 
-    * bitsandbytes 4-bit whose ``bnb_4bit_quant_storage`` differs from the dtype of the other
-      parameters (``uint8`` by default): raises under FSDP1 / unknown version (FSDP1 refuses to
-      flatten it), warns under FSDP2;
-    * a storage dtype that differs from ``bnb_4bit_compute_dtype``: warns;
+    * packed storage (``storage``, declared by the backend, e.g. bitsandbytes 4-bit's
+      ``bnb_4bit_quant_storage``) in another dtype than the other parameters: raises under FSDP1 /
+      unknown version (FSDP1 refuses to flatten it), warns under FSDP2;
+    * a storage dtype that differs from the backend's compute dtype: warns;
     * an upcast policy the caller chose that leaves more than one dtype: raises under FSDP1;
     * any other mix of dtypes (as loaded): warns;
     * adapters in another dtype than the base: a note (FSDP1 needs them in the base dtype or in
       their own units; FSDP2 accepts them).
 
     Raises:
-        UnsupportedModelError: a bitsandbytes 4-bit storage dtype FSDP1 cannot flatten with the rest.
+        UnsupportedModelError: a packed-storage dtype FSDP1 cannot flatten with the rest.
         InvalidPolicyError: the chosen upcast policy mixes dtypes inside FSDP1 units.
     """
     notes: list[str] = []
@@ -263,54 +246,52 @@ def check_fsdp_dtypes(
     extras: dict[str, Any] = {"dtypes": [_short(d) for d in everything]}
     where = f"FSDP{setting.version or ''}"
 
-    bnb = _bnb_4bit_dtypes(model)
-    if bnb is not None:
-        quant_storage, compute = bnb
-        packed = {n for n, t in model.named_parameters() if type(t).__name__ == "Params4bit"}
+    if storage is not None:
+        packed = set(storage.tensors)
         packed_dtypes = sorted({p.dtype_before for p in base if set(p.aliases) & packed}, key=str)
         others = sorted({p.dtype_before for p in base if not set(p.aliases) & packed and not p.quantized}, key=str)
-        stored = quant_storage or (packed_dtypes[0] if packed_dtypes else None)
-        extras["bnb_4bit_quant_storage"] = _short(stored) if stored else None
-        extras["bnb_4bit_compute_dtype"] = _short(compute) if compute else None
+        stored = storage.dtype or (packed_dtypes[0] if packed_dtypes else None)
+        compute = storage.compute_dtype
+        extras[storage.setting] = _short(stored) if stored else None
+        if storage.compute_setting:
+            extras[storage.compute_setting] = _short(compute) if compute else None
         upcast = [p.name for p in base if p.upcast]
-        if upcast and setting.strict:
+        if upcast and setting.uniform_dtype:
             raise InvalidPolicyError(
                 f"upcast={upcast_label!r} casts {len(upcast)} parameters (e.g. {upcast[0]!r}) to fp32 while the packed "
-                f"4-bit weights stay {_short(stored) if stored else 'as stored'}; {where} flattens each unit into one "
+                f"weights stay {_short(stored) if stored else 'as stored'}; {where} flattens each unit into one "
                 "tensor of a single dtype ('Must flatten tensors with uniform dtype'): use upcast='none' (the FSDP "
                 "default)"
             )
         target = others[0] if len(others) == 1 else (compute or torch.bfloat16)
         if stored is not None and stored != target:
             msg = (
-                f"this bitsandbytes 4-bit model stores its packed weights as {_short(stored)} "
-                f"(bnb_4bit_quant_storage) while its other parameters are {', '.join(map(_short, others)) or '?'}; "
-                "FSDP1 flattens each unit into one tensor of a single floating-point dtype ('Cannot flatten integer "
-                "dtype tensors'). Reload it with "
-                f"BitsAndBytesConfig(..., bnb_4bit_quant_storage=torch.{_short(target)}) and "
-                f"dtype=torch.{_short(target)} (the dtype of the rest of the model)"
+                f"this model stores its packed weights as {_short(stored)} ({storage.setting}) while its other "
+                f"parameters are {', '.join(map(_short, others)) or '?'}; FSDP1 flattens each unit into one tensor "
+                "of a single floating-point dtype ('Cannot flatten integer dtype tensors'). Reload it with "
+                f"{storage.reload_hint(target)} (the dtype of the rest of the model)"
             )
-            if setting.strict:
+            if setting.uniform_dtype:
                 raise UnsupportedModelError(msg)
             warnings.warn(f"kbitprep: {msg}; FSDP2 shards per parameter and accepts it", FsdpWarning, stacklevel=4)
-            notes.append(f"{where}: bnb_4bit_quant_storage differs from the model dtype (accepted by FSDP2)")
+            notes.append(f"{where}: {storage.setting} differs from the model dtype (accepted by FSDP2)")
         elif stored is not None:
             notes.append(
-                f"{where}: bnb_4bit_quant_storage={_short(stored)} matches the other parameters, "
+                f"{where}: {storage.setting}={_short(stored)} matches the other parameters, "
                 "so each FSDP unit has one dtype"
             )
         if compute is not None and stored is not None and stored.is_floating_point and compute != stored:
             warnings.warn(
-                f"kbitprep: bnb_4bit_compute_dtype={_short(compute)} differs from bnb_4bit_quant_storage="
+                f"kbitprep: {storage.compute_setting}={_short(compute)} differs from {storage.setting}="
                 f"{_short(stored)}; for FSDP use the same dtype for both (and for the model's dtype)",
                 FsdpWarning,
                 stacklevel=4,
             )
-            notes.append(f"{where}: bnb_4bit_compute_dtype differs from bnb_4bit_quant_storage")
+            notes.append(f"{where}: {storage.compute_setting} differs from {storage.setting}")
     else:
         mixed = len(everything) > 1 or any(not d.is_floating_point for d in everything)
         upcast_made_it = len({p.dtype_before for p in base}) < len(everything)
-        if mixed and upcast_made_it and upcast_label != "none" and setting.strict:
+        if mixed and upcast_made_it and upcast_label != "none" and setting.uniform_dtype:
             raise InvalidPolicyError(
                 f"upcast={upcast_label!r} leaves parameters in {', '.join(map(_short, everything))} under {where}, "
                 "which flattens each unit into one tensor of a single dtype ('Must flatten tensors with uniform "

@@ -940,7 +940,7 @@ def apply_memory_modes(model: nn.Module, plan: Plan) -> str:
     Called by the core inside prepare's transaction; returns the label recorded in the report, or
     ``""`` when the plan has no memory mode.
     """
-    spec = plan.extras.get("memory")
+    spec = plan.memory
     if not isinstance(spec, Mapping) or not (spec.get("chunked_head") or spec.get("offload")):
         return ""
     modules = dict(model.named_modules())

@@ -40,8 +40,7 @@ the data bytes only.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,252 +48,152 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._peft_rules import peft_rules
+from ._peft_rules import peft_rules, peft_rules_for
 from ._planning import ParamPlan, Plan, build_plan
 from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
 from ._registry import Registry, default_registry
 from .errors import ConfigError, KbitprepError
-from .plugin import CheckpointMode, Declarations
+from .plugin import CheckpointMode, Declarations, Scheme
 
 __all__ = [
     "SCHEMES",
     "ConfigError",
     "MetaPlan",
-    "Scheme",
+    "PlannedScheme",
     "build_meta_model",
     "config_dtype",
     "converted_linears",
     "load_config",
     "peft_plan",
     "plan_from_config",
+    "scheme_name",
+    "schemes",
 ]
 
 
 Sizer = Callable[[int, int, int], tuple[int, int]]
 
 
-def _bnb4(out: int, inp: int, f: int) -> tuple[int, int]:
-    n = out * inp
-    blocks = math.ceil(n / 64)
-    return math.ceil(n / 2), blocks + 4 * math.ceil(blocks / 256) + 4 + 16 * 4 + 256 * 4
-
-
-def _bnb8(out: int, inp: int, f: int) -> tuple[int, int]:
-    return out * inp, 4 * out
-
-
-def _ao_int8(out: int, inp: int, f: int) -> tuple[int, int]:
-    return out * inp, 4 * out + out
-
-
-def _ao_int4(out: int, inp: int, f: int) -> tuple[int, int]:
-    groups = out * math.ceil(inp / 32)
-    return out * inp, groups * (f + 1)
-
-
-def _quanto_int8(out: int, inp: int, f: int) -> tuple[int, int]:
-    return out * inp, f * out
-
-
-def _quanto_int4(out: int, inp: int, f: int) -> tuple[int, int]:
-    groups = out * math.ceil(inp / 128)
-    return math.ceil(out * inp / 2), groups * 2 * f
-
-
-def _hqq4(out: int, inp: int, f: int) -> tuple[int, int]:
-    n = out * inp
-    return math.ceil(n / 2), math.ceil(n / 64) * 2 * f
-
-
-def _none(out: int, inp: int, f: int) -> tuple[int, int]:
-    return out * inp * f, 0
-
-
 @dataclass(frozen=True)
-class Scheme:
-    """A quantization choice the CLI can load a checkpoint with, and size from a config.
+class PlannedScheme:
+    """A backend's :class:`~kbitprep.plugin.Scheme` as the config planner uses it: with the backend
+    that declared it and what PEFT's function would do to a model loaded this way.
 
     Attributes:
-        name: what ``--quantization`` takes (``"bnb-4bit"``).
-        backend: the kbitprep backend that handles a model loaded this way.
-        summary: the settings, in words.
-        formula: the storage formula, in words (see the module docstring).
-        module_class: the class a converted ``nn.Linear`` becomes.
-        param_name: the name of the quantized parameter in that class.
-        storage_dtype: the dtype the quantized parameter reports (``None``: the model's float
-            dtype, for tensor subclasses that report one).
-        sizer: ``(out, inp, float_bytes) -> (data bytes, scale/state bytes)`` for one weight.
-        requires: modules that must be importable to load a checkpoint this way.
-        install_hint: what to install when they are missing.
-        allow_upcast: whether the backend lets other parameters be cast to fp32.
-        peft_upcast: whether PEFT's ``prepare_model_for_kbit_training`` upcasts the other
-            fp16/bf16 parameters of such a model (as :func:`kbitprep.prepare_model_for_kbit_training`
-            reproduces it: where PEFT's function raises, as on quanto, the backend's rule).
+        scheme: the plugin's declaration.
+        backend: the name of the backend that declared it.
+        peft_upcast: whether PEFT's ``prepare_model_for_kbit_training`` upcasts the other fp16/bf16
+            parameters of such a model (as :func:`kbitprep.prepare_model_for_kbit_training`
+            reproduces it: where PEFT's function raises, the backend's ``allow_upcast`` decides).
         peft_checkpointing: whether PEFT's function enables checkpointing for it.
         peft_note: a remark on what PEFT's function really does with it.
-        frozen_on_load: whether loading this way leaves every parameter frozen already (hqq's
-            ``quantize_model`` does); quantized weights always load frozen.
     """
 
-    name: str
+    scheme: Scheme
     backend: str
-    summary: str
-    formula: str
-    module_class: str
-    param_name: str
-    storage_dtype: torch.dtype | None
-    sizer: Sizer
-    requires: tuple[str, ...]
-    install_hint: str
-    allow_upcast: bool = True
-    peft_upcast: bool = True
-    peft_checkpointing: bool = True
-    peft_note: str = ""
-    frozen_on_load: bool = False
+    peft_upcast: bool
+    peft_checkpointing: bool
+    peft_note: str
+
+    def __getattr__(self, name: str) -> Any:  # name, summary, formula, module_class, requires ...
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.scheme, name)
+
+    @property
+    def name(self) -> str:
+        """What ``--quantization`` takes."""
+        return self.scheme.name
 
     @property
     def quantizes(self) -> bool:
         """Whether this scheme converts any weight (``"none"`` does not)."""
-        return self.name != "none"
+        return self.scheme.quantizes
+
+    @property
+    def sizer(self) -> Sizer:
+        """``(out, inp, float_bytes) -> (data bytes, scale/state bytes)``."""
+        return self.scheme.weight_bytes
 
     def weight_bytes(self, out: int, inp: int, dtype: torch.dtype) -> tuple[int, int]:
         """``(data bytes, scale/state bytes)`` of one converted ``out x inp`` weight."""
-        return self.sizer(out, inp, torch.empty((), dtype=dtype).element_size())
+        return self.scheme.bytes_for(out, inp, dtype)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description."""
         return {
-            "name": self.name,
+            "name": self.scheme.name,
             "backend": self.backend,
-            "summary": self.summary,
-            "formula": self.formula,
-            "module_class": self.module_class,
+            "summary": self.scheme.summary,
+            "formula": self.scheme.formula,
+            "module_class": self.scheme.module_class,
         }
 
 
-_QUANTO_NOTE = (
-    "PEFT's function raises on quanto models (ValueError: The dtype of a weights Tensor cannot be "
-    "changed); the PEFT figure is kbitprep's drop-in, which casts nothing there, as the backend requires"
-)
+def _planned(scheme: Scheme, backend: str) -> PlannedScheme:
+    rules = peft_rules_for(scheme.quant_method, dict(scheme.model_flags))
+    note = ""
+    upcast = rules.upcast == "all"
+    if upcast and scheme.cast_raises:
+        note = (
+            f"PEFT's function raises on {backend} models (it casts their quantized weights, which refuse a dtype "
+            "change); the PEFT figure is kbitprep's drop-in, which casts nothing there, as the backend requires"
+        )
+        upcast = scheme.allow_upcast
+    elif not scheme.quantizes:
+        note = "PEFT's function upcasts an unquantized model whole and enables no checkpointing"
+    return PlannedScheme(scheme, backend, upcast, rules.checkpointing is not CheckpointMode.OFF, note)
 
-#: Every quantization the CLI knows, by ``--quantization`` name.
-SCHEMES: dict[str, Scheme] = {
-    s.name: s
-    for s in (
-        Scheme(
-            "bnb-4bit",
-            "bnb-4bit",
-            "bitsandbytes NF4, blocksize 64, double quantization, bf16 compute",
-            "n/2 packed + n/64 uint8 absmax + fp32 absmax per 256 blocks + codes",
-            "Linear4bit",
-            "weight",
-            torch.uint8,
-            _bnb4,
-            ("bitsandbytes",),
-            "pip install bitsandbytes",
-        ),
-        Scheme(
-            "bnb-8bit",
-            "bnb-8bit",
-            "bitsandbytes LLM.int8",
-            "n int8 + fp32 scale per row",
-            "Linear8bitLt",
-            "weight",
-            torch.int8,
-            _bnb8,
-            ("bitsandbytes",),
-            "pip install bitsandbytes",
-        ),
-        Scheme(
-            "torchao-int8",
-            "torchao",
-            "torchao Int8WeightOnlyConfig (per-row)",
-            "n int8 + fp32 scale and int8 zero point per row",
-            "Linear",
-            "weight",
-            None,
-            _ao_int8,
-            ("torchao",),
-            "pip install torchao",
-            peft_upcast=False,
-        ),
-        Scheme(
-            "torchao-int4",
-            "torchao",
-            "torchao IntxWeightOnlyConfig int4, group size 32",
-            "n int8 (int4 values unpacked) + scale and int8 zero point per 32-group",
-            "Linear",
-            "weight",
-            None,
-            _ao_int4,
-            ("torchao",),
-            "pip install torchao",
-            allow_upcast=False,
-            peft_upcast=False,
-        ),
-        Scheme(
-            "quanto-int8",
-            "quanto",
-            "optimum-quanto int8 weights",
-            "n int8 + scale per row",
-            "QLinear",
-            "weight",
-            None,
-            _quanto_int8,
-            ("optimum.quanto",),
-            "pip install optimum-quanto",
-            allow_upcast=False,
-            peft_upcast=False,
-            peft_checkpointing=False,
-            peft_note=_QUANTO_NOTE,
-        ),
-        Scheme(
-            "quanto-int4",
-            "quanto",
-            "optimum-quanto int4 weights, group size 128",
-            "n/2 packed + scale and shift per 128-group",
-            "QLinear",
-            "weight",
-            None,
-            _quanto_int4,
-            ("optimum.quanto",),
-            "pip install optimum-quanto",
-            allow_upcast=False,
-            peft_upcast=False,
-            peft_checkpointing=False,
-            peft_note=_QUANTO_NOTE,
-        ),
-        Scheme(
-            "hqq-4bit",
-            "hqq",
-            "hqq 4-bit, group size 64, compute in the model's dtype",
-            "n/2 packed + scale and zero per 64-group",
-            "HQQLinear",
-            "W_q",
-            torch.uint8,
-            _hqq4,
-            ("hqq",),
-            "pip install hqq",
-            allow_upcast=False,
-            peft_upcast=False,
-            frozen_on_load=True,
-        ),
-        Scheme(
-            "none",
-            "unquantized",
-            "no quantization (weights in the model's dtype)",
-            "n x dtype size",
-            "Linear",
-            "weight",
-            None,
-            _none,
-            (),
-            "",
-            peft_checkpointing=False,
-            peft_note="PEFT's function upcasts an unquantized model whole and enables no checkpointing",
-        ),
-    )
-}
+
+def schemes(registry: Registry | None = None) -> dict[str, PlannedScheme]:
+    """Every quantization scheme the installed backends declare, by name (``"none"`` last).
+
+    A scheme name declared by two backends keeps the higher-priority backend's. A backend whose
+    ``schemes()`` raises is left out (its plugin failure is reported by the registry elsewhere).
+    """
+    reg = registry or default_registry()
+    found: dict[str, PlannedScheme] = {}
+    for name in reg.names():
+        try:
+            declared = tuple(reg.get(name).backend.schemes())
+        except Exception:  # a broken plugin must not break planning for the others
+            continue
+        for s in declared:
+            if isinstance(s, Scheme) and s.name not in found:
+                found[s.name] = _planned(s, name)
+    ordered = sorted(found.values(), key=lambda p: (not p.quantizes, 0))
+    return {p.name: p for p in ordered}
+
+
+class _Schemes(Mapping[str, PlannedScheme]):
+    """:func:`schemes` of the process-wide registry, read at each use (plugins can be registered later)."""
+
+    def __getitem__(self, name: str) -> PlannedScheme:
+        return schemes()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(schemes())
+
+    def __len__(self) -> int:
+        return len(schemes())
+
+
+def scheme_name(value: str) -> str:
+    """An argparse ``type=`` for ``--quantization``: the name of an installed scheme.
+
+    Reads the schemes only when the option is given (so ``--help`` and other commands load no plugin).
+    """
+    import argparse
+
+    known = schemes()
+    if value not in known:
+        choices = ", ".join(repr(n) for n in known)
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {choices})")
+    return value
+
+
+#: Every quantization scheme of the installed backends, by ``--quantization`` name (read lazily).
+SCHEMES: Mapping[str, PlannedScheme] = _Schemes()
 
 
 # --------------------------------------------------------------------------- PEFT's figure
@@ -444,7 +343,7 @@ class MetaPlan:
 
     plan: Plan
     peft: Plan
-    scheme: Scheme
+    scheme: PlannedScheme
     parameters: int
     quantized_parameters: int
     quantized_layers: int
@@ -465,7 +364,7 @@ class MetaPlan:
         }
 
 
-def _scheme_declarations(scheme: Scheme) -> Declarations:
+def _scheme_declarations(scheme: PlannedScheme) -> Declarations:
     """The rules the scheme's backend declares for a loaded model (every built-in: no default upcast,
     reentrant checkpointing by default, both modes supported)."""
     note = "" if scheme.allow_upcast else f"the {scheme.backend} backend does not allow upcasting for {scheme.name}"
@@ -473,7 +372,7 @@ def _scheme_declarations(scheme: Scheme) -> Declarations:
 
 
 def _requantize(
-    base: Plan, model: nn.Module, scheme: Scheme, targets: set[str], dtype: torch.dtype
+    base: Plan, model: nn.Module, scheme: PlannedScheme, targets: set[str], dtype: torch.dtype
 ) -> tuple[Plan, int, int, int]:
     """``base`` with the weights of ``targets`` replaced by the scheme's storage; returns the plan and totals."""
     mods = dict(model.named_modules())
@@ -514,7 +413,7 @@ def _requantize(
 
 def plan_from_config(
     config: Any,
-    scheme: Scheme | str = "bnb-4bit",
+    scheme: PlannedScheme | str = "bnb-4bit",
     *,
     upcast: UpcastPolicy = None,
     checkpointing: bool | str | CheckpointMode | None = True,

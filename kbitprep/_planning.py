@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -104,7 +105,10 @@ class Plan:
     not_trainable_reason: str
     declarations: tuple[Declarations, ...] = field(repr=False, compare=False)
     fingerprint: tuple[Any, ...] = field(repr=False, compare=False, default=())
-    extras: Mapping[str, Any] = field(default_factory=dict)
+    #: The memory modes prepare installs (chunked head, offload: see ``kbitprep._memory``), or ``None``.
+    memory: Mapping[str, Any] | None = None
+    #: The FSDP setting and the dtypes it checked (see ``kbitprep._fsdp``), or ``None`` without FSDP.
+    fsdp: Mapping[str, Any] | None = None
     #: Config objects (class names) whose ``use_cache`` prepare turns off: the top-level config and
     #: sub-configs such as T5's decoder config or LLaVA's ``text_config``. Empty for the drop-in,
     #: which leaves ``use_cache`` alone as PEFT does.
@@ -112,6 +116,11 @@ class Plan:
     #: Backend warnings (:attr:`kbitprep.plugin.Declarations.warnings`), also raised as
     #: :class:`~kbitprep.errors.BackendWarning` when the plan is made.
     warnings: tuple[str, ...] = ()
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """``{"memory": ..., "fsdp": ...}`` for the parts that are set (the older spelling of both fields)."""
+        return {k: v for k, v in (("memory", self.memory), ("fsdp", self.fsdp)) if v is not None}
 
     # ----------------------------------------------------------------- totals
     @property
@@ -235,8 +244,11 @@ def _jsonable(v: Any) -> bool:
 
 
 def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
-    """Identity and shape of a model's parameters, to check a plan is applied to the model it was made for."""
-    return (id(model), tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
+    """Identity and shape of a model's parameters, to check a plan is applied to the model it was made for.
+
+    The identity is a weak reference (an ``id`` could be reused by another model once the first is gone).
+    """
+    return (weakref.ref(model), tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
 
 
 def checkpointing_target(model: nn.Module) -> nn.Module | None:
@@ -341,9 +353,9 @@ def build_plan(
     ``peft_compat`` reproduces PEFT's rules instead of the backend's: upcast every plain fp16/bf16
     parameter that is not a ``Params4bit`` (``upcast`` must then be ``"all"`` or ``"none"``), and
     use the checkpointing mode given whatever the backend declares. ``memory`` chooses the memory
-    modes (``kbitprep._memory``; carried in ``extras["memory"]``); it is ignored with ``peft_compat``.
+    modes (``kbitprep._memory``; carried in ``Plan.memory``); it is ignored with ``peft_compat``.
     ``fsdp`` (``None``: detect from accelerate's environment) applies the FSDP dtype policy of
-    ``kbitprep._fsdp`` (carried in ``extras["fsdp"]``); also ignored with ``peft_compat``.
+    ``kbitprep._fsdp`` (carried in ``Plan.fsdp``); also ignored with ``peft_compat``.
     """
     if not isinstance(model, nn.Module):
         raise NotAModuleError(
@@ -481,7 +493,8 @@ def build_plan(
         )
     fsdp_extras: dict[str, Any] = {}
     if fsdp_setting.enabled and not peft_compat:
-        more, fsdp_extras = check_fsdp_dtypes(model, params, fsdp_setting, upcast_label=policy_label)
+        storage = next((d.sharded_storage for d in decls if d.sharded_storage is not None), None)
+        more, fsdp_extras = check_fsdp_dtypes(model, params, fsdp_setting, upcast_label=policy_label, storage=storage)
         fsdp_notes.extend(more)
 
     use_reentrant = mode is CheckpointMode.REENTRANT
@@ -524,7 +537,9 @@ def build_plan(
 
     if fsdp_setting.enabled:
         notes.extend(fsdp_notes)
-        memory_extras = {**memory_extras, "fsdp": {**fsdp_setting.to_dict(), **fsdp_extras}}
+        fsdp_info: dict[str, Any] | None = {**fsdp_setting.to_dict(), **fsdp_extras}
+    else:
+        fsdp_info = None
 
     if is_peft_model(model):
         notes.append("PEFT-wrapped model: adapter parameters keep their requires_grad; only the base is frozen")
@@ -566,7 +581,8 @@ def build_plan(
         not_trainable_reason=decl.not_trainable_reason,
         declarations=tuple(decls),
         fingerprint=model_fingerprint(model),
-        extras=memory_extras,
+        memory=memory_extras.get("memory"),
+        fsdp=fsdp_info,
         use_cache_off=use_cache_off,
         warnings=backend_warnings,
     )

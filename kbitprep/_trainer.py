@@ -220,7 +220,7 @@ def training_arguments_for(model: nn.Module, args: A) -> A:
                 stacklevel=2,
             )
 
-    fsdp_info = plan.extras.get("fsdp") if isinstance(plan.extras, Mapping) else None
+    fsdp_info = plan.fsdp
     if _uses_fsdp(args) and not (isinstance(fsdp_info, Mapping) and fsdp_info.get("enabled")):
         upcast = len(plan.to_upcast)
         why = f" ({upcast} parameters were upcast to fp32, which FSDP1 cannot flatten with the rest)" if upcast else ""

@@ -182,7 +182,28 @@ def _own_stdout(to_stderr: bool) -> Iterator[TextIO]:
 
 
 @contextlib.contextmanager
-def _quiet_libraries(debug: bool) -> Iterator[None]:
+def _kbitprep_log(verbosity: int) -> Iterator[None]:
+    """``-v``: kbitprep's INFO records (what prepare did and why) on stderr; ``-vv``: DEBUG too."""
+    if verbosity <= 0:
+        yield
+        return
+    logger = logging.getLogger("kbitprep")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kbitprep: %(levelname)s: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool, quiet: bool = False, verbose: bool = False) -> Iterator[None]:
     """Outside ``--debug``: no third-party warnings, no log records (every library's Python logging is
     switched off, bitsandbytes' "Failed to load CPU gemm_4bit_forward" among them) and no loading bars;
     kbitprep's own warnings as one line each. Everything is restored afterwards, so ``main()`` can be
@@ -209,12 +230,17 @@ def _quiet_libraries(debug: bool) -> Iterator[None]:
         return
     env = {k: os.environ.get(k) for k in _QUIET_ENV}
     disabled = logging.root.manager.disable
+    root_level = logging.root.level
     with warnings.catch_warnings():
         # before anything imports a library: some log or warn at import time
         warnings.simplefilter("ignore")
-        warnings.simplefilter("default", KbitprepWarning)
+        if not quiet:
+            warnings.simplefilter("default", KbitprepWarning)
         warnings.showwarning = show
-        logging.disable(logging.CRITICAL)
+        if verbose:  # kbitprep's logger stays on: silence the libraries through the root logger instead
+            logging.root.setLevel(logging.CRITICAL + 1)
+        else:
+            logging.disable(logging.CRITICAL)
         for k, v in _QUIET_ENV.items():
             os.environ.setdefault(k, v)
         hf_logging: Any = None
@@ -228,6 +254,7 @@ def _quiet_libraries(debug: bool) -> Iterator[None]:
             yield
         finally:
             logging.disable(disabled)
+            logging.root.setLevel(root_level)
             for k, old in env.items():
                 if old is None:
                     os.environ.pop(k, None)
@@ -673,9 +700,22 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 # --------------------------------------------------------------------------- parser and main
 
 
+_PARSE_DEBUG = False  # whether the command line being parsed has --debug (set by main())
+
+
+def _scheme_name(value: str) -> str:
+    """``--quantization``'s type: reading the schemes loads the plugins, whose imports may be noisy;
+    outside ``--debug`` they are as quiet here as during the command."""
+    from ._metaplan import scheme_name
+
+    if _PARSE_DEBUG:
+        return scheme_name(value)
+    with _quiet_libraries(False), _own_stdout(to_stderr=False):
+        return scheme_name(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kbitprep`` command."""
-    from ._metaplan import SCHEMES
     from ._policies import UPCAST_POLICIES
 
     json_help = "print one JSON object on stdout (keys: see docs/cli.md)"
@@ -683,11 +723,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kbitprep", description="Prepare quantized transformers models for LoRA/QLoRA training.")
     parser.add_argument("--json", action="store_true", help=json_help)
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    verbose_help = "-v: log what kbitprep does and why (INFO) on stderr; -vv: diagnosis too (DEBUG)"
+    quiet_help = "print only the result: no kbitprep warnings"
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+    parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     # The same flags after the command. SUPPRESS: a subcommand that is not given them must not reset
     # what was given before it (argparse copies a subparser's defaults over the namespace).
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"kbitprep {__version__}")
@@ -736,8 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", help="plan from this config.json on the meta device instead of loading weights")
     plan.add_argument(
         "--quantization",
-        choices=list(SCHEMES),
+        type=_scheme_name,
         default=None,
+        metavar="SCHEME",
         help="load (or size) the model with this quantization (default: none, as saved)",
     )
     plan.add_argument("--backend", default=None, help="force this backend instead of detecting it")
@@ -760,12 +807,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="float dtype to load or plan in (default: the checkpoint's / config's)",
     )
+    from ._estimate import add_estimate_parser
+
+    add_estimate_parser(sub, parents=[common], scheme_type=_scheme_name)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``kbitprep`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    global _PARSE_DEBUG
     parser = build_parser()
+    _PARSE_DEBUG = "--debug" in (sys.argv[1:] if argv is None else list(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors, --help, --version
@@ -774,11 +826,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = bool(args.debug)
-    commands = {"demo": _cmd_demo, "backends": _cmd_backends, "plan": _cmd_plan}
+    verbosity = 0 if args.quiet else int(args.verbose)
+    from ._estimate import run_estimate
+
+    commands = {"demo": _cmd_demo, "backends": _cmd_backends, "plan": _cmd_plan, "estimate": run_estimate}
     from .errors import KbitprepError
 
     try:
-        with _quiet_libraries(debug):
+        with _quiet_libraries(debug, quiet=bool(args.quiet), verbose=verbosity > 0), _kbitprep_log(verbosity):
             if debug and not args.json:
                 return commands[args.command](args, sys.stdout)
             with _own_stdout(to_stderr=debug) as out:

@@ -272,6 +272,9 @@ class Scheme:
         quantize: for schemes transformers cannot load: ``fn(model, dtype) -> model`` quantizing a
             loaded float model in place (hqq's ``quantize_model``, torchao's ``quantize_``).
         frozen_on_load: loading this way leaves every parameter frozen already.
+        cast_raises: casting the quantized weights to another dtype raises (optimum-quanto's refuse
+            a dtype change), so PEFT's ``prepare_model_for_kbit_training`` crashes on such a model;
+            the config planner's PEFT figure then follows ``allow_upcast``, as the drop-in does.
         skip_modules: leaf names of linear layers the scheme never converts, beyond what
             transformers keeps (``lm_head``, tied and ``_keep_in_fp32_modules`` weights).
     """
@@ -291,6 +294,7 @@ class Scheme:
     quantization_config: Callable[[torch.dtype], Any] | None = None
     quantize: Callable[[nn.Module, torch.dtype], nn.Module] | None = None
     frozen_on_load: bool = False
+    cast_raises: bool = False
     skip_modules: tuple[str, ...] = ()
 
     @property

@@ -3,17 +3,116 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from kbitprep.plugin import Backend, Declarations, Detection, FixUp, class_path, hf_quantizer, quantized_tensor_names
+from kbitprep.plugin import (
+    Backend,
+    Declarations,
+    Detection,
+    FixUp,
+    Scheme,
+    ShardedStorage,
+    class_path,
+    hf_quantizer,
+    quantized_tensor_names,
+)
 
 _UPCAST_NOTE = (
     "frozen embeddings and lm_head keep their loaded dtype; PEFT's choice (fp32 copies of every "
     "fp16/bf16 parameter) is upcast='all'"
 )
+
+
+def _nf4_bytes(out: int, inp: int, f: int) -> tuple[int, int]:
+    """NF4, blocksize 64, double quantization: n/2 packed + one uint8 absmax per 64-block + an fp32
+    second-level absmax per 256 blocks + fp32 offset + the 16-entry NF4 and 256-entry second-level codes."""
+    n = out * inp
+    blocks = math.ceil(n / 64)
+    return math.ceil(n / 2), blocks + 4 * math.ceil(blocks / 256) + 4 + 16 * 4 + 256 * 4
+
+
+def _nf4_config(dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16,
+    )
+
+
+def _int8_config(dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+#: NF4 with double quantization (the QLoRA recipe), as the demo, benchmark and estimate load it.
+NF4 = Scheme(
+    name="bnb-4bit",
+    summary="bitsandbytes NF4, blocksize 64, double quantization, bf16 compute",
+    formula="n/2 packed + n/64 uint8 absmax + fp32 absmax per 256 blocks + codes",
+    module_class="Linear4bit",
+    weight_bytes=_nf4_bytes,
+    storage_dtype=torch.uint8,
+    requires=("bitsandbytes",),
+    install_hint="pip install bitsandbytes",
+    quant_method="bitsandbytes",
+    model_flags={"is_loaded_in_4bit": True},
+    quantization_config=_nf4_config,
+)
+#: LLM.int8.
+INT8 = Scheme(
+    name="bnb-8bit",
+    summary="bitsandbytes LLM.int8",
+    formula="n int8 + fp32 scale per row",
+    module_class="Linear8bitLt",
+    weight_bytes=lambda out, inp, f: (out * inp, 4 * out),
+    storage_dtype=torch.int8,
+    requires=("bitsandbytes",),
+    install_hint="pip install bitsandbytes",
+    quant_method="bitsandbytes",
+    model_flags={"is_loaded_in_8bit": True},
+    quantization_config=_int8_config,
+)
+
+
+def _as_dtype(value: object) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        found = getattr(torch, value.removeprefix("torch."), None)
+        return found if isinstance(found, torch.dtype) else None
+    return None
+
+
+def _sharded_storage(model: nn.Module, storage: frozenset[str]) -> ShardedStorage | None:
+    """bitsandbytes 4-bit packs into ``bnb_4bit_quant_storage`` (uint8 unless set): what FSDP must know."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None or not storage:
+        return None
+    get = qc.get if isinstance(qc, Mapping) else lambda k, d=None: getattr(qc, k, d)
+    stored = _as_dtype(get("bnb_4bit_quant_storage", "uint8")) or torch.uint8
+
+    def hint(dtype: torch.dtype) -> str:
+        name = str(dtype).removeprefix("torch.")
+        return f"BitsAndBytesConfig(..., bnb_4bit_quant_storage=torch.{name}) and dtype=torch.{name}"
+
+    return ShardedStorage(
+        tensors=storage,
+        dtype=stored,
+        setting="bnb_4bit_quant_storage",
+        reload_hint=hint,
+        compute_dtype=_as_dtype(get("bnb_4bit_compute_dtype", None)),
+        compute_setting="bnb_4bit_compute_dtype",
+    )
 
 
 def _holders(model: nn.Module, param_class: str) -> list[str]:
@@ -116,6 +215,10 @@ class Bnb4bitBackend(Backend):
         """Modules holding ``Params4bit`` weights, or a ``Bnb4BitHfQuantizer``."""
         return _detect(model, "Params4bit", "Bnb4BitHfQuantizer", "is_loaded_in_4bit")
 
+    def schemes(self) -> tuple[Scheme, ...]:
+        """NF4 with double quantization."""
+        return (NF4,)
+
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Quantized ``Params4bit`` storage, no default upcast, both checkpointing modes, CPU unpack fix-up."""
         claimed = set(detection.modules)
@@ -123,11 +226,16 @@ class Bnb4bitBackend(Backend):
         packed = sum(len(_packed(m)) for m in mods)
         repacks = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in mods)
         notes = (f"{packed} Linear4bit weights are packed for CPU inference; prepare unpacks them",) if packed else ()
+        # Params4bit is packed storage whatever dtype it reports (bnb_4bit_quant_storage=bf16 packs into bf16)
+        storage = quantized_tensor_names(
+            model, detection.modules, include=lambda n, t: type(t).__name__ == "Params4bit"
+        )
+        packed_weights = frozenset(
+            n for n, p in model.named_parameters() if n in storage and type(p).__name__ == "Params4bit"
+        )
         return Declarations(
-            # Params4bit is packed storage whatever dtype it reports (bnb_4bit_quant_storage=bf16 packs into bf16)
-            quantized=quantized_tensor_names(
-                model, detection.modules, include=lambda n, t: type(t).__name__ == "Params4bit"
-            ),
+            quantized=storage,
+            sharded_storage=_sharded_storage(model, packed_weights),
             upcast_note=_UPCAST_NOTE,
             fixups=(_unpack_cpu_weights(detection.modules),) if packed or repacks else (),
             notes=notes,
@@ -147,6 +255,10 @@ class Bnb8bitBackend(Backend):
     def detect(self, model: nn.Module) -> Detection | None:
         """Modules holding ``Int8Params`` weights, or a ``Bnb8BitHfQuantizer``."""
         return _detect(model, "Int8Params", "Bnb8BitHfQuantizer", "is_loaded_in_8bit")
+
+    def schemes(self) -> tuple[Scheme, ...]:
+        """LLM.int8."""
+        return (INT8,)
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Quantized ``Int8Params`` storage, no default upcast, both checkpointing modes."""

@@ -41,6 +41,7 @@ SCHEMES = (
         allow_upcast=False,
         quant_method="quanto",
         quantization_config=_quanto_config("int8"),
+        cast_raises=True,
     ),
     Scheme(
         name="quanto-int4",
@@ -53,6 +54,7 @@ SCHEMES = (
         allow_upcast=False,
         quant_method="quanto",
         quantization_config=_quanto_config("int4"),
+        cast_raises=True,
     ),
 )
 

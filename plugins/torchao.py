@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from kbitprep.plugin import (
     Backend,
     Declarations,
     Detection,
+    Scheme,
     hf_quantizer,
     quant_method,
     quantized_tensor_names,
@@ -67,6 +70,55 @@ def activation_quantization(weight: torch.Tensor) -> str:
     return ""
 
 
+def _int8_config(dtype: torch.dtype) -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def _int4_config(dtype: torch.dtype) -> Any:
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from transformers import TorchAoConfig
+
+    int4 = getattr(torch, "int4")  # noqa: B009 - absent from older torch stubs
+    return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(32)))
+
+
+def _int4_bytes(out: int, inp: int, f: int) -> tuple[int, int]:
+    groups = out * math.ceil(inp / 32)
+    return out * inp, groups * (f + 1)  # int4 values unpacked in int8 + scale and int8 zero point per group
+
+
+#: The weight-only configs that train on a CPU, loaded through transformers' ``TorchAoConfig``.
+SCHEMES = (
+    Scheme(
+        name="torchao-int8",
+        summary="torchao Int8WeightOnlyConfig (per-row)",
+        formula="n int8 + fp32 scale and int8 zero point per row",
+        module_class="Linear",
+        weight_bytes=lambda out, inp, f: (out * inp, 4 * out + out),
+        requires=("torchao",),
+        install_hint="pip install torchao",
+        quant_method="torchao",
+        quantization_config=_int8_config,
+    ),
+    Scheme(
+        name="torchao-int4",
+        summary="torchao IntxWeightOnlyConfig int4, group size 32",
+        formula="n int8 (int4 values unpacked) + scale and int8 zero point per 32-group",
+        module_class="Linear",
+        weight_bytes=_int4_bytes,
+        requires=("torchao",),
+        install_hint="pip install torchao",
+        allow_upcast=False,
+        quant_method="torchao",
+        quantization_config=_int4_config,
+    ),
+)
+
+
 class TorchAoBackend(Backend):
     """TorchAO weight tensor subclasses (``Int8Tensor``, ``IntxUnpackedToInt8Tensor`` ...).
 
@@ -93,6 +145,10 @@ class TorchAoBackend(Backend):
         elif not weights:
             return None
         return Detection(evidence=tuple(evidence), modules=tuple(weights))
+
+    def schemes(self) -> tuple[Scheme, ...]:
+        """int8 and int4 (intx) weight-only, through ``TorchAoConfig``."""
+        return SCHEMES
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Subclass weights are quantized storage; untrainable int4 kernels and weights that quantize

@@ -55,7 +55,7 @@ def _no_fsdp_env() -> Iterator[None]:
 def test_detect_fsdp(fsdp: bool | int | None, environ: dict[str, str], enabled: bool, version: int | None) -> None:
     setting = detect_fsdp(fsdp, environ=environ)
     assert (setting.enabled, setting.version) == (enabled, version)
-    assert setting.strict is (enabled and version != 2)
+    assert setting.uniform_dtype is (enabled and version != 2)
     assert setting.source
 
 
@@ -157,7 +157,7 @@ def test_bnb_matching_storage_passes_and_upcast_is_refused() -> None:
     )
     assert p.extras["fsdp"]["dtypes"] == ["bfloat16"] and not p.to_upcast
     assert any("matches the other parameters" in n for n in p.notes)
-    with pytest.raises(InvalidPolicyError, match="packed 4-bit weights"):
+    with pytest.raises(InvalidPolicyError, match="while the packed weights stay bfloat16"):
         kbitprep.plan(model, fsdp=1, upcast="norms")
 
 
