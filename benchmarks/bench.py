@@ -271,7 +271,7 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
 def _load(spec: dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM
 
-    from kbitprep._metaplan import SCHEMES
+    from kbitprep.app.metaplan import SCHEMES
 
     # the loading recipe each backend plugin declares with its scheme
     scheme = {"bnb-nf4": "bnb-4bit", "torchao-int8": "torchao-int8"}.get(spec["backend"])

@@ -19,8 +19,6 @@ import logging as _logging
 
 from . import errors
 from ._api import plan, prepare, prepare_model_for_kbit_training, report, undo
-from ._estimate import Estimate, EstimateRow, estimate
-from ._estimate import Variant as EstimateVariant
 from ._fsdp import FsdpSetting, FsdpWarning, detect_fsdp
 from ._gradflow import GradientFlowResult, verify_gradient_flow
 from ._lora import lora_config, lora_targets
@@ -39,6 +37,8 @@ from ._registry import (
     strict_mode,
 )
 from ._trainer import CheckpointingConflictWarning, CheckpointingStatus, checkpointing_status, training_arguments_for
+from .app.estimate import Estimate, EstimateRow, estimate
+from .app.estimate import Variant as EstimateVariant
 from .errors import (
     AlreadyPreparedWarning,
     BackendConflictError,

@@ -312,8 +312,8 @@ def check_fsdp_dtypes(
         float_storage = [p for p in base if p.quantized and p.dtype_after.is_floating_point]
         if float_storage:
             notes.append(
-                f"{where}: {len(float_storage)} quantized tensors report a float dtype (tensor subclasses such as "
-                "torchao's or quanto's); whether FSDP can shard them depends on the quantization library (not checked)"
+                f"{where}: {len(float_storage)} quantized tensors report a float dtype (tensor subclasses "
+                "of quantization libraries); whether FSDP can shard them depends on the library (not checked)"
             )
 
     adapters = sorted({p.dtype_after for p in params if p.adapter}, key=str)

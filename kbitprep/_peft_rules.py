@@ -13,12 +13,21 @@ from typing import Any
 
 from .plugin import CheckpointMode
 
-__all__ = ["PEFT_NO_UPCAST", "PeftRules", "peft_rules", "peft_rules_for"]
+__all__ = ["PEFT_NO_UPCAST", "PeftRules", "peft_casts", "peft_rules", "peft_rules_for"]
 
 #: ``quantization_method`` values for which PEFT's function casts nothing (and enables checkpointing).
 PEFT_NO_UPCAST = ("gptq", "aqlm", "eetq", "torchao", "hqq")
+#: The parameter class PEFT's function never casts (bitsandbytes 4-bit packed weights).
+PEFT_NEVER_CASTS = "Params4bit"
 #: Model flags that make PEFT's function treat a model as k-bit (bitsandbytes).
 PEFT_KBIT_FLAGS = ("is_loaded_in_8bit", "is_loaded_in_4bit")
+
+
+def peft_casts(param: Any) -> bool:
+    """Whether PEFT's upcast loop would cast this parameter: fp16/bf16 and not a ``Params4bit``."""
+    import torch
+
+    return param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != PEFT_NEVER_CASTS
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from torch import nn
 from ._anatomy import existing_checkpointing, model_configs
 from ._fsdp import check_fsdp_dtypes, detect_fsdp, fsdp_choices
 from ._memory import MemoryChoice, memory_plan, preset_options, resolve_memory
+from ._peft_rules import peft_casts
 from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast, validate_checkpointing_kwargs
 from ._registry import Registry, Selection, default_registry
 from ._tensors import iter_unique_parameters, tensor_nbytes
@@ -351,7 +352,7 @@ def build_plan(
     """Compute the plan for ``model`` without changing it (see :func:`kbitprep.plan`).
 
     ``peft_compat`` reproduces PEFT's rules instead of the backend's: upcast every plain fp16/bf16
-    parameter that is not a ``Params4bit`` (``upcast`` must then be ``"all"`` or ``"none"``), and
+    parameter PEFT casts (``upcast`` must then be ``"all"`` or ``"none"``), and
     use the checkpointing mode given whatever the backend declares. ``memory`` chooses the memory
     modes (``kbitprep._memory``; carried in ``Plan.memory``); it is ignored with ``peft_compat``.
     ``fsdp`` (``None``: detect from accelerate's environment) applies the FSDP dtype policy of
@@ -414,9 +415,8 @@ def build_plan(
             mode, mode_note = theirs, f"already enabled on the model ({existing.describe()}): kept"
 
     adapters = _adapter_param_ids(model)
-    # PEFT's function raises on a half-dtype tensor subclass it tries to cast (optimum-quanto)
-    # PEFT casts every fp16/bf16 parameter but Params4bit, tensor subclasses included: torchao's cast
-    # (only their scales change), optimum-quanto's raise. Try each subclass cast, as PEFT would.
+    # PEFT casts every fp16/bf16 parameter it can (see _peft_rules.peft_casts), tensor subclasses included:
+    # some subclasses cast (only their scales change), others raise. Try each subclass cast, as PEFT would.
     subclass_casts = _peft_subclass_casts(unique) if peft_compat else {}
     peft_would_crash = any(after is None for after in subclass_casts.values())
     params: list[ParamPlan] = []
@@ -428,9 +428,7 @@ def build_plan(
         any_float = any_float or (plain and p.dtype.is_floating_point)
         if peft_compat:  # PEFT's rule; where PEFT would crash, the backend's allow_upcast decides
             castable = plain or subclass_casts.get(id(p)) is not None
-            eligible = (castable and not adapter and p.dtype in HALF_DTYPES and type(p).__name__ != "Params4bit") and (
-                decl.allow_upcast or not peft_would_crash
-            )
+            eligible = (castable and not adapter and peft_casts(p)) and (decl.allow_upcast or not peft_would_crash)
         else:
             eligible = plain and not quantized and not adapter and p.dtype in HALF_DTYPES and decl.allow_upcast
         dtype_after = torch.float32 if eligible and wants(name, p, owner) else p.dtype
@@ -594,7 +592,7 @@ def _peft_subclass_casts(unique: list[tuple[str, list[str], nn.Parameter, nn.Mod
     each cast makes a temporary copy, one tensor at a time."""
     out: dict[int, int | None] = {}
     for _, _, p, _ in unique:
-        if is_plain_tensor(p) or p.dtype not in HALF_DTYPES or type(p).__name__ == "Params4bit":
+        if is_plain_tensor(p) or not peft_casts(p):
             continue
         try:
             with torch.no_grad():

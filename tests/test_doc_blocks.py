@@ -5,7 +5,7 @@ Each page under ``docs/`` is one test. Its fenced blocks are read in order and e
 * **run**: ``python`` blocks are executed in one namespace per page (a block may use what an
   earlier block of the same page made); ``pycon`` blocks are run as doctests in that namespace;
   ``bash`` blocks made only of ``kbitprep ...`` commands call the console script's function
-  (``kbitprep.cli.main``) in this process (no second interpreter importing torch), which must
+  (``kbitprep.app.cli.main``) in this process (no second interpreter importing torch), which must
   return 0. Any other ``bash`` block must be marked: the test never runs an install. Snippet
   includes (``--8<-- "path"``) are expanded first, as the site renders them.
 * **marked**: preceded by ``<!-- no-run: reason -->`` (an install command, a fragment): counted
@@ -177,8 +177,8 @@ def _run_pycon(block: Block, ns: dict[str, Any]) -> None:
 def _run_shell(block: Block, cwd: Path) -> None:
     commands = [line for line in block.source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if commands and all(shlex.split(line, comments=True)[0] == "kbitprep" for line in commands):
-        # The console script is kbitprep.cli:main: call it in this process (no second torch import).
-        from kbitprep.cli import main
+        # The console script is kbitprep.app.cli:main: call it in this process (no second torch import).
+        from kbitprep.app.cli import main
 
         for line in commands:
             err = io.StringIO()

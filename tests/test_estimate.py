@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from kbitprep._estimate import (
+from kbitprep.app.estimate import (
     DEFAULT_VARIANTS,
     Estimate,
     Variant,
@@ -25,7 +25,7 @@ from kbitprep._estimate import (
     parse_bytes,
     run_estimate,
 )
-from kbitprep._metaplan import SCHEMES
+from kbitprep.app.metaplan import SCHEMES
 from kbitprep.errors import ConfigError, InvalidPolicyError, KbitprepError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def _real_peak(path: Path, variant: str, batch: int, seq: int) -> int:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import kbitprep
-    from kbitprep._estimate_sim import measure_step
+    from kbitprep.app.estimate_sim import measure_step
 
     qc = BitsAndBytesConfig(
         load_in_4bit=True,

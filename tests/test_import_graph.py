@@ -27,7 +27,7 @@ def _is_type_checking(test: ast.expr) -> bool:
 def _runtime_imports(path: Path) -> set[str]:
     """kbitprep modules ``path`` imports at run time (module level or in functions), not type-only ones."""
     here = _module_name(path)
-    package = here.rsplit(".", 1)[0] if "." in here and not path.name == "__init__.py" else here
+    package = here.rsplit(".", 1)[0] if "." in here and path.name != "__init__.py" else here
     if path.name != "__init__.py" and "." not in here:
         package = ""
     found: set[str] = set()

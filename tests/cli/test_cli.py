@@ -180,7 +180,7 @@ BAD_EXPECT: dict[str, tuple[int, str]] = {
     "plan_packages_missing": (1, "install it with: pip install hqq"),
     "bad_steps": (2, "--steps must be between 1 and 100000"),
 }
-#: More bad inputs, checked in process through kbitprep.cli.main (cheap): args, exit code, message.
+#: More bad inputs, checked in process through kbitprep.app.cli.main (cheap): args, exit code, message.
 MORE_BAD_INPUTS: dict[str, tuple[tuple[str, ...], int, str]] = {
     "path_is_config": (("plan", "{llama70b}"), 1, "is a file; to plan from a config without weights, pass --config"),
     "path_is_file": (("plan", "{ckpt}/model.safetensors"), 1, "is a file, not a checkpoint folder"),
@@ -253,7 +253,7 @@ def test_bad_input_is_one_line_without_traceback(runs: dict[str, Callable[[], Ru
 
 @pytest.mark.parametrize("name", list(MORE_BAD_INPUTS))
 def test_more_bad_inputs_in_process(files: dict[str, Path], capsys: pytest.CaptureFixture[str], name: str) -> None:
-    from kbitprep.cli import main
+    from kbitprep.app.cli import main
 
     args, code, text = MORE_BAD_INPUTS[name]
     rc = main([a.format(**{k: str(v) for k, v in files.items()}) for a in args])
@@ -262,7 +262,7 @@ def test_more_bad_inputs_in_process(files: dict[str, Path], capsys: pytest.Captu
 
 
 def test_help_and_version_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
-    from kbitprep.cli import main
+    from kbitprep.app.cli import main
 
     assert main(["--version"]) == 0
     assert main(["plan", "--help"]) == 0
@@ -276,7 +276,7 @@ class _Tty:
 
 
 def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kbitprep.cli import _Style
+    from kbitprep.app.cli import _Style
 
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("TERM", "xterm")
@@ -304,7 +304,7 @@ def test_console_script(runs: dict[str, Callable[[], Run]]) -> None:
 
 def _demo_bf16_elements() -> tuple[int, int]:
     """(bf16 elements not quantized by bnb-4bit, LoRA'd linears) of the demo model, from its config."""
-    from kbitprep._demo import LORA_TARGETS, demo_config
+    from kbitprep.app.demo import LORA_TARGETS, demo_config
 
     c = demo_config()
     plain = 2 * c.vocab_size * c.hidden_size + (2 * c.num_hidden_layers + 1) * c.hidden_size
@@ -448,7 +448,7 @@ def test_plan_checkpoint_text(runs: dict[str, Callable[[], Run]]) -> None:
 
 
 def _nf4_bytes(out: int, inp: int) -> int:
-    """bitsandbytes NF4 with double quantization, blocksize 64 (the formula in kbitprep._metaplan)."""
+    """bitsandbytes NF4 with double quantization, blocksize 64 (the formula in kbitprep.app.metaplan)."""
     n = out * inp
     blocks = math.ceil(n / 64)
     return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 + 64 + 1024

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kbitprep.cli import main
+from kbitprep.app.cli import main
 
 from ..tiny import tiny_llama
 

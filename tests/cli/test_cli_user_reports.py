@@ -2,7 +2,7 @@
 command, corrupt checkpoints, the ``--allow-mismatch`` hint, ``--checkpointing`` values that mean
 what the API's mean, and output that holds kbitprep's words only.
 
-Cheap checks call :func:`kbitprep.cli.main` in process; the noise checks run ``python -m kbitprep``
+Cheap checks call :func:`kbitprep.app.cli.main` in process; the noise checks run ``python -m kbitprep``
 in subprocesses (a few at a time, started once), because library noise happens at import time.
 """
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import kbitprep
-from kbitprep.cli import CHECKPOINTING_CHOICES, main
+from kbitprep.app.cli import CHECKPOINTING_CHOICES, main
 
 from .test_cli import Run, _env, _run
 
@@ -170,7 +170,7 @@ MODE = {"on": "reentrant", "off": "off", "reentrant": "reentrant", "non_reentran
 
 
 def test_checkpointing_choices_are_the_api_values(capsys: pytest.CaptureFixture[str], files: dict[str, Path]) -> None:
-    from kbitprep._demo import load_checkpoint
+    from kbitprep.app.demo import load_checkpoint
 
     assert set(CHECKPOINTING_CHOICES) == set(SAME_AS_API)
     model = load_checkpoint(files["ckpt"])

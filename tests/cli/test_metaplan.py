@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import kbitprep
-from kbitprep._demo import demo_config, load_checkpoint
-from kbitprep._metaplan import SCHEMES, ConfigError, converted_linears, load_config, peft_plan, plan_from_config
+from kbitprep.app.demo import demo_config, load_checkpoint
+from kbitprep.app.metaplan import SCHEMES, ConfigError, converted_linears, load_config, peft_plan, plan_from_config
 from kbitprep.errors import InvalidPolicyError
 from kbitprep.plugin import missing_packages
 
@@ -90,7 +90,7 @@ def test_formula_equals_what_the_library_stores(scheme: str) -> None:
         and (s.module_class != "Linear" or type(m.weight.data) is not torch.Tensor)
     ]
     assert converted, f"{scheme}: no converted layers found"
-    meta = kbitprep._metaplan.build_meta_model(demo_config(), torch.bfloat16)  # type: ignore[attr-defined]
+    meta = kbitprep.app.metaplan.build_meta_model(demo_config(), torch.bfloat16)  # type: ignore[attr-defined]
     assert sorted(converted) == sorted(converted_linears(meta))
     shapes = {n: (m.out_features, m.in_features) for n, m in meta.named_modules() if isinstance(m, nn.Linear)}
     for name in converted:
@@ -178,7 +178,7 @@ def test_peft_really_raises_on_quanto_as_the_note_says() -> None:
 
 
 def test_prepare_refuses_meta_models_but_plan_works() -> None:
-    meta = kbitprep._metaplan.build_meta_model(demo_config(), torch.bfloat16)  # type: ignore[attr-defined]
+    meta = kbitprep.app.metaplan.build_meta_model(demo_config(), torch.bfloat16)  # type: ignore[attr-defined]
     assert kbitprep.plan(meta).bytes_before == sum(p.numel() * 2 for p in meta.parameters())
     with pytest.raises(kbitprep.UnsupportedModelError, match="meta device"):
         kbitprep.prepare(meta)

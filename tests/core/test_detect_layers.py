@@ -12,7 +12,7 @@ from torch import nn
 
 from kbitprep.plugin import detect_layers, find_modules
 
-_LAYERS = '''
+_LAYERS = """
 import torch
 from torch import nn
 
@@ -20,7 +20,7 @@ class ToyQuantLinear(nn.Module):
     def __init__(self, n):
         super().__init__()
         self.register_buffer("qweight", torch.zeros(n, n, dtype=torch.int8))
-'''
+"""
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ one training step needs on the GPU (``torch.cuda.max_memory_allocated``) with PE
 ``prepare_model_for_kbit_training`` and with kbitprep's default, ``chunked_head``, ``offload`` and
 ``lowest`` settings, with the parts of each peak.
 
-How: one real training step runs on fake tensors (see :mod:`kbitprep._estimate_sim`): the real
+How: one real training step runs on fake tensors (see :mod:`kbitprep.app.estimate_sim`): the real
 transformers model code, PEFT's LoRA layers, transformers' checkpointing, kbitprep's memory modes
 and a real AdamW step, with the quantized linears replaced by stand-ins that hold the scheme's
 storage bytes and allocate what the backend allocates. Every storage's allocation and free is
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._estimate_sim import PARTS, SimSetup, simulate
-from ._render import format_bytes, table
-from .errors import InvalidPolicyError, KbitprepError, UnsupportedModelError
+from .._render import format_bytes, table
+from ..errors import InvalidPolicyError, KbitprepError, UnsupportedModelError
+from .estimate_sim import PARTS, SimSetup, simulate
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -321,14 +321,14 @@ def _scheme_of_model(model: nn.Module) -> str:
         method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
         raise InvalidPolicyError(
             f"cannot tell which --quantization scheme this {method} model uses; pass quantization= "
-            "(see kbitprep._metaplan.SCHEMES)"
+            "(see kbitprep.app.metaplan.SCHEMES)"
         )
     return "none"
 
 
 def _config_of(model_or_config: Any) -> tuple[Any, str | None]:
     """(config, quantization inferred from a loaded model or None)."""
-    from ._metaplan import load_config
+    from .metaplan import load_config
 
     if isinstance(model_or_config, nn.Module):
         inner = model_or_config
@@ -383,8 +383,8 @@ class _Resolved:
 
 
 def _resolve_variant(v: Variant, scheme: Any) -> _Resolved:
-    from ._memory import preset_options, resolve_memory
-    from .plugin import CheckpointMode
+    from .._memory import preset_options, resolve_memory
+    from ..plugin import CheckpointMode
 
     ck: Any = v.checkpointing
     if ck not in _CHECKPOINTING:
@@ -424,9 +424,9 @@ def _param_dtypes(plan: Any) -> dict[str, torch.dtype]:
 def _simulate_variant(
     config: Any, scheme: Any, dtype: torch.dtype, rv: _Resolved, common: dict[str, Any]
 ) -> tuple[Any, int]:
-    from ._memory import memory_plan
-    from ._metaplan import build_meta_model, converted_linears, plan_from_config
-    from .plugin import CheckpointMode
+    from .._memory import memory_plan
+    from ..plugin import CheckpointMode
+    from .metaplan import build_meta_model, converted_linears, plan_from_config
 
     meta_plan = plan_from_config(config, scheme, upcast=rv.upcast, checkpointing=True, dtype=dtype)
     plan = meta_plan.peft if rv.peft else meta_plan.plan
@@ -477,7 +477,7 @@ def estimate(
         model_or_config: a transformers config, a ``config.json`` path (or a folder holding one),
             or a loaded model (its config and, for bitsandbytes, its quantization are used; nothing
             in it is touched).
-        quantization: a scheme name of :data:`kbitprep._metaplan.SCHEMES` (``"bnb-4bit"``: NF4 with
+        quantization: a scheme name of :data:`kbitprep.app.metaplan.SCHEMES` (``"bnb-4bit"``: NF4 with
             double quantization; ``"none"``: the float model). Default: a loaded model's, else ``"bnb-4bit"``.
         batch: sequences per step.
         seq: tokens per sequence.
@@ -503,7 +503,7 @@ def estimate(
             mixture-of-experts layers whose kernels check real dtypes or data).
         KbitprepError: an unknown quantization scheme.
     """
-    from ._metaplan import SCHEMES, config_dtype
+    from .metaplan import SCHEMES, config_dtype
 
     started = time.perf_counter()
     config, inferred = _config_of(model_or_config)
@@ -515,7 +515,7 @@ def estimate(
     alpha = 2 * lora_r if lora_alpha is None else _positive("lora_alpha", lora_alpha)
     if optimizer not in _OPTIMIZERS:
         raise InvalidPolicyError(f"optimizer={optimizer!r} is not supported; choose from {', '.join(_OPTIMIZERS)}")
-    from ._policies import UPCAST_POLICIES
+    from .._policies import UPCAST_POLICIES
 
     if upcast is not None and upcast not in UPCAST_POLICIES:
         raise InvalidPolicyError(f"upcast={upcast!r} is not valid; choose from {', '.join(UPCAST_POLICIES)}")
@@ -675,8 +675,8 @@ def add_estimate_parser(
     subparsers: Any, parents: Sequence[argparse.ArgumentParser] = (), scheme_type: Any = None
 ) -> argparse.ArgumentParser:
     """Add the ``estimate`` sub-command to a ``kbitprep`` command line's sub-parsers; returns its parser."""
-    from ._metaplan import scheme_name
-    from ._policies import UPCAST_POLICIES
+    from .._policies import UPCAST_POLICIES
+    from .metaplan import scheme_name
 
     p = subparsers.add_parser(
         "estimate",

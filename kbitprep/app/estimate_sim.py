@@ -357,7 +357,7 @@ def _simulated_offload_copies() -> Iterator[None]:
     """kbitprep's real offload session with its two copy functions simulated: the copy to the host
     frees nothing by itself and allocates nothing on the device; the copy back allocates the span on
     the device once, kept while its saved tensors unpack (as on CUDA)."""
-    from . import _memory
+    from .. import _memory
 
     def copy_to_host(src: torch.Tensor) -> tuple[Any, Any]:
         return _HostBytes(src.numel() * src.element_size()), None
@@ -489,7 +489,7 @@ class SimSetup:
 
     Attributes:
         config: the transformers config.
-        scheme: the quantization (:class:`kbitprep._metaplan.Scheme`).
+        scheme: the quantization (:class:`kbitprep.app.metaplan.Scheme`).
         dtype: the float dtype of the model (and autocast).
         param_dtypes: per parameter name, the dtype after prepare (upcasts).
         checkpointing: ``"reentrant"``, ``"non_reentrant"`` or ``"off"``.
@@ -557,7 +557,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
     import peft
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ._memory import _state_of, apply_memory_modes
+    from .._memory import _state_of, apply_memory_modes
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     mode.cache_enabled = False  # the op cache's hashing costs more than it saves on one step
@@ -584,7 +584,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         apply_memory_modes(model, _PlanLike({"memory": setup.memory}, setup.memory))  # type: ignore[arg-type]
         state = _state_of(model)
         if state is not None and state.offload:
-            from ._memory import OffloadHooks
+            from .._memory import OffloadHooks
 
             offload = _SimSaveOnCpu() if setup.offload_impl == "save_on_cpu" else _fake_offload_hooks(OffloadHooks)
             state.offloader = offload

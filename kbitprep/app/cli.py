@@ -208,7 +208,7 @@ def _quiet_libraries(debug: bool, quiet: bool = False, verbose: bool = False) ->
     switched off, bitsandbytes' "Failed to load CPU gemm_4bit_forward" among them) and no loading bars;
     kbitprep's own warnings as one line each. Everything is restored afterwards, so ``main()`` can be
     called in process."""
-    from .errors import KbitprepWarning
+    from ..errors import KbitprepWarning
 
     shown: set[str] = set()
 
@@ -267,7 +267,7 @@ def _quiet_libraries(debug: bool, quiet: bool = False, verbose: bool = False) ->
 
 
 def _emit_json(data: dict[str, Any], out: TextIO) -> None:
-    from . import __version__
+    from .. import __version__
 
     payload = {"command": data.pop("command"), "kbitprep_version": __version__, **data}
     out.write(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
@@ -304,8 +304,8 @@ def _threads(text: str) -> int:
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
-    from ._demo import run_demo
-    from ._render import format_bytes, table
+    from .._render import format_bytes, table
+    from .demo import run_demo
 
     style = _Style(out)
     torch.set_num_threads(args.threads)
@@ -441,8 +441,8 @@ def _count_by_kind(params: Sequence[Any]) -> str:
 
 
 def _cmd_backends(args: argparse.Namespace, out: TextIO) -> int:
-    from ._registry import default_registry
-    from ._render import table
+    from .._registry import default_registry
+    from .._render import table
 
     style = _Style(out)
     with warnings.catch_warnings():
@@ -567,10 +567,10 @@ def _versus_peft(plan: Any, peft: Any) -> dict[str, Any]:
 
 
 def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
-    from ._api import plan as kbit_plan
-    from ._metaplan import SCHEMES, load_config, peft_plan, plan_from_config
-    from ._render import format_bytes, table
-    from .errors import KbitprepError
+    from .._api import plan as kbit_plan
+    from .._render import format_bytes, table
+    from ..errors import KbitprepError
+    from .metaplan import SCHEMES, load_config, peft_plan, plan_from_config
 
     style = _Style(out)
     if args.path is None and args.config is None:
@@ -610,16 +610,16 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
             "dtype": str(meta.dtype).removeprefix("torch."),
         }
     else:
-        from ._demo import check_scheme_available, load_checkpoint
+        from .demo import check_scheme_available, load_checkpoint
 
         path = _checkpoint_dir(Path(args.path))
         scheme = SCHEMES[scheme_name]
         check_scheme_available(scheme)
         if args.backend is not None:
-            from ._registry import default_registry
+            from .._registry import default_registry
 
             default_registry().get(args.backend)  # UnknownBackendError before the (slow) load
-        from ._demo import quiet_stdout
+        from .demo import quiet_stdout
 
         try:
             with quiet_stdout(not args.debug):
@@ -706,7 +706,7 @@ _PARSE_DEBUG = False  # whether the command line being parsed has --debug (set b
 def _scheme_name(value: str) -> str:
     """``--quantization``'s type: reading the schemes loads the plugins, whose imports may be noisy;
     outside ``--debug`` they are as quiet here as during the command."""
-    from ._metaplan import scheme_name
+    from .metaplan import scheme_name
 
     if _PARSE_DEBUG:
         return scheme_name(value)
@@ -716,7 +716,7 @@ def _scheme_name(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kbitprep`` command."""
-    from ._policies import UPCAST_POLICIES
+    from .._policies import UPCAST_POLICIES
 
     json_help = "print one JSON object on stdout (keys: see docs/cli.md)"
     debug_help = "show tracebacks and library output (warnings, logs, banners)"
@@ -734,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"kbitprep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -807,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="float dtype to load or plan in (default: the checkpoint's / config's)",
     )
-    from ._estimate import add_estimate_parser
+    from .estimate import add_estimate_parser
 
     add_estimate_parser(sub, parents=[common], scheme_type=_scheme_name)
     return parser
@@ -827,10 +827,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     debug = bool(args.debug)
     verbosity = 0 if args.quiet else int(args.verbose)
-    from ._estimate import run_estimate
+    from .estimate import run_estimate
 
     commands = {"demo": _cmd_demo, "backends": _cmd_backends, "plan": _cmd_plan, "estimate": run_estimate}
-    from .errors import KbitprepError
+    from ..errors import KbitprepError
 
     try:
         with _quiet_libraries(debug, quiet=bool(args.quiet), verbose=verbosity > 0), _kbitprep_log(verbosity):

@@ -48,12 +48,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._peft_rules import peft_rules, peft_rules_for
-from ._planning import ParamPlan, Plan, build_plan
-from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
-from ._registry import Registry, default_registry
-from .errors import ConfigError, KbitprepError
-from .plugin import CheckpointMode, Declarations, Scheme
+from .._peft_rules import peft_rules, peft_rules_for
+from .._planning import ParamPlan, Plan, build_plan
+from .._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
+from .._registry import Registry, default_registry
+from ..errors import ConfigError, KbitprepError
+from ..plugin import CheckpointMode, Declarations, Scheme
 
 __all__ = [
     "SCHEMES",

@@ -30,16 +30,16 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from ._api import plan as kbit_plan
-from ._api import prepare as kbit_prepare
-from ._gradflow import GradientFlowResult, verify_gradient_flow
-from ._metaplan import SCHEMES, PlannedScheme, peft_plan
-from ._mutation import Report
-from ._planning import Plan
-from ._policies import UpcastPolicy
-from ._registry import Registry, default_registry
-from .errors import BackendUnavailableError, KbitprepError, UnknownBackendError
-from .plugin import missing_packages
+from .._api import plan as kbit_plan
+from .._api import prepare as kbit_prepare
+from .._gradflow import GradientFlowResult, verify_gradient_flow
+from .._mutation import Report
+from .._planning import Plan
+from .._policies import UpcastPolicy
+from .._registry import Registry, default_registry
+from ..errors import BackendUnavailableError, KbitprepError, UnknownBackendError
+from ..plugin import missing_packages
+from .metaplan import SCHEMES, PlannedScheme, peft_plan
 
 __all__ = [
     "DEMO_BACKENDS",
@@ -69,7 +69,7 @@ class DemoBackend:
 
     Attributes:
         name: the kbitprep backend name.
-        scheme: the quantization recipe (:data:`kbitprep._metaplan.SCHEMES`).
+        scheme: the quantization recipe (:data:`kbitprep.app.metaplan.SCHEMES`).
         dtype: the float dtype to load in.
         note: why that dtype (shown in the report).
     """
@@ -282,7 +282,7 @@ class DemoResult:
         return [(last + 1 + i) % MODULUS for i in range(len(self.generated))]
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` summary (keys documented in :mod:`kbitprep.cli`)."""
+        """The ``--json`` summary (keys documented in :mod:`kbitprep.app.cli`)."""
         plan, peft = self.plan, self.peft
         saved = peft.bytes_after - plan.bytes_after
         return {
@@ -441,7 +441,7 @@ def run_demo(
     if on_plan is not None:
         on_plan(the_plan)
     kbit_prepare(model, plan=the_plan)
-    from ._api import report as kbit_report
+    from .._api import report as kbit_report
 
     report = kbit_report(model)
     model_class = type(model).__name__
