@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import doctest
 import gc
+import importlib
 import io
 import os
 import re
@@ -303,6 +304,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if b.lang in PYTHON and b.no_run is None and f'save_pretrained("{TINY_MODEL}")' in b.source
     ]
     assert makers, f'getting-started.md has no python block that calls save_pretrained("{TINY_MODEL}")'
+    if importlib.util.find_spec("gptqmodel") is not None:
+        # PEFT imports gptqmodel lazily (in get_peft_model) and its import prints a banner on stdout:
+        # import it here, quietly, so no page's checked output depends on which page ran first
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            importlib.import_module("gptqmodel")
     old = Path.cwd()
     os.chdir(cwd)
     ns: dict[str, Any] = {"__name__": "__main__"}
