@@ -163,6 +163,25 @@ def _nothing_converted(model: nn.Module, kind: str, layer_class: str) -> tuple[s
     )
 
 
+#: Heads PEFT trains in full for classification (its ``modules_to_save`` for SEQ_CLS / TOKEN_CLS).
+_TASK_HEADS = ("classifier", "score")
+
+
+def _quantized_heads(modules: tuple[str, ...], kind: str) -> tuple[str, ...]:
+    """A warning when a classification head was quantized: PEFT trains it in full and cannot."""
+    heads = [
+        m for m in modules if m.rsplit(".", 1)[-1] in _TASK_HEADS or m.startswith(tuple(f"{h}." for h in _TASK_HEADS))
+    ]
+    if not heads:
+        return ()
+    names = ", ".join(repr(h.split(".")[0]) for h in dict.fromkeys(heads))
+    return (
+        f"the classification head ({', '.join(heads)}) was quantized to {kind}: PEFT trains such a head in full "
+        "(modules_to_save) and fails on quantized weights ('only Tensors of floating point dtype can require "
+        f"gradients'); reload with BitsAndBytesConfig(..., llm_int8_skip_modules=[{names}])",
+    )
+
+
 def _packed(mod: nn.Module) -> list[nn.Parameter]:
     """The ``Params4bit`` of ``mod`` whose layout bnb repacked for its CPU inference kernel."""
     return [
@@ -239,7 +258,9 @@ class Bnb4bitBackend(Backend):
             upcast_note=_UPCAST_NOTE,
             fixups=(_unpack_cpu_weights(detection.modules),) if packed or repacks else (),
             notes=notes,
-            warnings=() if detection.modules else _nothing_converted(model, "4-bit", "Linear4bit"),
+            warnings=_quantized_heads(detection.modules, "4-bit")
+            if detection.modules
+            else _nothing_converted(model, "4-bit", "Linear4bit"),
         )
 
 
@@ -275,5 +296,7 @@ class Bnb8bitBackend(Backend):
             quantized=quantized_tensor_names(model, detection.modules),
             upcast_note=_UPCAST_NOTE,
             notes=notes,
-            warnings=() if detection.modules else _nothing_converted(model, "8-bit", "Linear8bitLt"),
+            warnings=_quantized_heads(detection.modules, "8-bit")
+            if detection.modules
+            else _nothing_converted(model, "8-bit", "Linear8bitLt"),
         )

@@ -85,3 +85,29 @@ def test_a_converted_model_gets_no_such_warning() -> None:
         the_plan = kbitprep.plan(model)
     assert the_plan.quantized and not the_plan.warnings
     assert not [w for w in record if CONVERTED_NONE in str(w.message)]
+
+
+def test_a_quantized_classification_head_is_warned_with_the_fix(tmp_path: Path) -> None:
+    """transformers 5.24 quantizes BERT's ``classifier`` under a 4-bit config; PEFT then fails to train it
+    in full. The plan warns, naming the head and the ``llm_int8_skip_modules`` fix; with the fix, no warning."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, num_labels=3
+    )
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    model = BertForSequenceClassification.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+    )
+    assert type(model.classifier).__name__ == "Linear4bit"
+    with pytest.warns(
+        kbitprep.BackendWarning, match=r"classification head \(classifier\).*llm_int8_skip_modules=\['classifier'\]"
+    ):
+        kbitprep.plan(model)
+    fixed = BertForSequenceClassification.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["classifier"])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kbitprep.BackendWarning)
+        assert kbitprep.plan(fixed).warnings == ()
