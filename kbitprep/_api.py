@@ -106,18 +106,9 @@ def plan(
     """
     _check_module(model)
     _reject_unknown("plan", unknown, _PLAN_KEYWORDS)
+    options = {k: v for k, v in locals().items() if k in _PLAN_KEYWORDS and k != "strict"}
     with strict_mode(strict):
-        return build_plan(
-            model,
-            backend=backend,
-            upcast=upcast,
-            checkpointing=checkpointing,
-            checkpointing_kwargs=checkpointing_kwargs,
-            allow_mismatch=allow_mismatch,
-            registry=registry,
-            memory=memory,
-            fsdp=fsdp,
-        )
+        return build_plan(model, **options)
 
 
 def prepare(
@@ -169,6 +160,7 @@ def prepare(
     _reject_unknown("prepare", unknown, _PREPARE_KEYWORDS)
     if plan is not None and not isinstance(plan, Plan):
         raise InvalidPolicyError(f"plan= takes a kbitprep.Plan made by kbitprep.plan(model), got {type(plan).__name__}")
+    options = {k: v for k, v in locals().items() if k in _PLAN_KEYWORDS and k != "strict"}
     with model_lock(model):  # a second thread waits, then finds the model prepared (a no-op)
         state = prepared_state(model)
         if state is not None:
@@ -181,17 +173,7 @@ def prepare(
             return model
         with strict_mode(strict):
             if plan is None:
-                plan = build_plan(
-                    model,
-                    backend=backend,
-                    upcast=upcast,
-                    checkpointing=checkpointing,
-                    checkpointing_kwargs=checkpointing_kwargs,
-                    allow_mismatch=allow_mismatch,
-                    registry=registry,
-                    memory=memory,
-                    fsdp=fsdp,
-                )
+                plan = build_plan(model, **options)
             apply_plan(model, plan)
         if verify:
             try:

@@ -39,7 +39,7 @@ from .._policies import UpcastPolicy
 from .._registry import Registry, default_registry
 from ..errors import BackendUnavailableError, KbitprepError, UnknownBackendError
 from ..plugin import missing_packages
-from .metaplan import SCHEMES, PlannedScheme, peft_plan
+from .metaplan import SCHEMES, PlannedScheme, model_class, peft_plan
 
 __all__ = [
     "DEMO_BACKENDS",
@@ -124,19 +124,9 @@ def demo_config() -> Any:
 
 
 def _model_class(path: Path) -> Any:
-    import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
-    for arch in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, str(arch), None)
-        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
-            return cls
-    try:
-        transformers.AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        return transformers.AutoModel
-    return transformers.AutoModelForCausalLM
+    return model_class(AutoConfig.from_pretrained(path))
 
 
 def check_scheme_available(scheme: PlannedScheme, registry: Registry | None = None) -> None:

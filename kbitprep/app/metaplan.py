@@ -253,12 +253,14 @@ def load_config(path: str | Path) -> Any:
         raise ConfigError(f"malformed config {p}: {' '.join(str(exc).split())}") from exc
 
 
-def _model_class(config: Any) -> Any:
+def model_class(config: Any) -> Any:
+    """The transformers class a config describes: its ``architectures`` entry, else a causal LM if
+    transformers has one for it, else the bare ``AutoModel``."""
     import transformers
 
     for arch in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, str(arch), None)
-        if isinstance(cls, type) and hasattr(cls, "_from_config"):
+        if isinstance(cls, type) and hasattr(cls, "_from_config") and hasattr(cls, "from_pretrained"):
             return cls
     try:
         transformers.AutoModelForCausalLM._model_mapping[type(config)]
@@ -287,7 +289,7 @@ def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
     Raises:
         ConfigError: transformers cannot build a model from the config.
     """
-    cls = _model_class(config)
+    cls = model_class(config)
     try:
         with torch.device("meta"):
             model = (
