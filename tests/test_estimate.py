@@ -33,21 +33,21 @@ SHARED_BENCH = REPO.parent / "shared" / "bench"
 
 # --------------------------------------------------------------------------- the GPU measurements
 
-#: Llama-3.2-1B and Llama-3.1-8B architectures (random weights), as benchmarks/bench.py builds them.
-LLAMA_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
-LLAMA_8B = dict(LLAMA_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128)
-LLAMA_8B["tie_word_embeddings"] = False
+
+def _bench_models() -> dict[str, dict[str, Any]]:
+    """benchmarks/bench.py's model shapes (one definition for the benchmark and these tests)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kbitprep_bench", REPO / "benchmarks" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return {k: {n: v for n, v in shape.items() if n != "rope_parameters"} for k, shape in bench.MODELS.items()}
+
+
+#: Llama-3.2-1B and Llama-3.1-8B architectures (random weights), exactly as benchmarks/bench.py builds them.
+LLAMA_1B = _bench_models()["llama-3.2-1b"]
+LLAMA_8B = _bench_models()["llama-3.1-8b"]
 LLAMA_70B = dict(LLAMA_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
 
 #: ``peak_train`` (torch.cuda.max_memory_allocated over 6 steps, bytes) of the H200 runs, copied from
