@@ -46,7 +46,6 @@ __all__ = [
     "FixUp",
     "Scheme",
     "ShardedStorage",
-    "WeightBytes",
     "class_path",
     "detect_layers",
     "find_modules",

@@ -66,7 +66,7 @@ def test_installed_third_party_plugin_is_discovered_and_cannot_take_a_builtin_na
         assert plan.backend == "scaled-linear"
         assert plan.checkpointing is kbitprep.CheckpointMode.NON_REENTRANT
         assert plan.upcast_policy == "norms" and all(p.module_type == "LlamaRMSNorm" for p in plan.to_upcast)
-        assert {p.name.rsplit(".", 1)[-1] for p in plan.quantized} == {"weight"}
+        assert {p.name.rsplit(".", 1)[-1] for p in plan.quantized} == {"weight", "scale"}  # the scale buffer too
         kbitprep.prepare(model, registry=reg)
         fn = model.model.layers[0]._gradient_checkpointing_func
         assert fn.keywords["use_reentrant"] is False
