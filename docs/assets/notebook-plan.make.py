@@ -1,4 +1,8 @@
+"""Makes the notebook behind docs/assets/notebook-plan.png: run it, then
+``jupyter nbconvert --to html --execute plan.ipynb`` and a headless Chromium screenshot of plan.html."""
+
 import nbformat
+
 nb = nbformat.v4.new_notebook()
 nb.cells = [
     nbformat.v4.new_code_cell(
@@ -10,7 +14,8 @@ nb.cells = [
         "LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained('tiny-llama')\n"
         "model = AutoModelForCausalLM.from_pretrained('tiny-llama', quantization_config=BitsAndBytesConfig(\n"
         "    load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,\n"
-        "    bnb_4bit_compute_dtype=torch.bfloat16))"),
+        "    bnb_4bit_compute_dtype=torch.bfloat16))"
+    ),
     nbformat.v4.new_code_cell("kbitprep.plan(model, upcast='norms')"),
 ]
 nbformat.write(nb, "plan.ipynb")
