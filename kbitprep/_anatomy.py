@@ -6,11 +6,24 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
-__all__ = ["ExistingCheckpointing", "existing_checkpointing", "model_configs"]
+__all__ = [
+    "Anatomy",
+    "ExistingCheckpointing",
+    "adapter_param_ids",
+    "anatomy",
+    "checkpointing_target",
+    "count_input_grad_hooks",
+    "existing_checkpointing",
+    "input_embeddings",
+    "is_peft_model",
+    "model_configs",
+    "module_name",
+    "output_head",
+]
 
 
 def _is_config(obj: Any) -> bool:
@@ -23,15 +36,9 @@ def _is_config(obj: Any) -> bool:
     )
 
 
-def model_configs(model: nn.Module) -> Iterator[Any]:
-    """Every distinct transformers config object reachable from ``model``: each module's ``config``
-    and, recursively, the sub-configs they hold (``text_config``, ``vision_config``, ``decoder`` ...)."""
+def _with_nested(configs: list[Any]) -> Iterator[Any]:
     seen: set[int] = set()
-    stack: list[Any] = []
-    for mod in model.modules():
-        cfg = getattr(mod, "config", None)
-        if _is_config(cfg):
-            stack.append(cfg)
+    stack = list(configs)
     while stack:
         cfg = stack.pop(0)
         if id(cfg) in seen:
@@ -41,6 +48,12 @@ def model_configs(model: nn.Module) -> Iterator[Any]:
         for value in list(vars(cfg).values()):
             if _is_config(value) and id(value) not in seen:
                 stack.append(value)
+
+
+def model_configs(model: nn.Module) -> Iterator[Any]:
+    """Every distinct transformers config object reachable from ``model``: each module's ``config``
+    and, recursively, the sub-configs they hold (``text_config``, ``vision_config``, ``decoder`` ...)."""
+    return _with_nested([cfg for mod in model.modules() if _is_config(cfg := getattr(mod, "config", None))])
 
 
 @dataclass(frozen=True)
@@ -83,3 +96,161 @@ def existing_checkpointing(model: nn.Module) -> ExistingCheckpointing | None:
 
             return ExistingCheckpointing(kwargs, wrapped=inner is not checkpoint)
     return None
+
+
+def checkpointing_target(model: nn.Module) -> nn.Module | None:
+    """The transformers model inside ``model`` (also through a PEFT wrapper) that can checkpoint."""
+    for mod in model.modules():
+        cls = type(mod)
+        api = hasattr(cls, "activation_checkpointing_enable") or hasattr(cls, "gradient_checkpointing_enable")
+        if api and getattr(mod, "supports_gradient_checkpointing", True):
+            return mod
+    return None
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The input embedding module of a transformers model, or ``None``."""
+    target = checkpointing_target(model) or model
+    getter = getattr(type(target), "get_input_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        emb = cast(Any, target).get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    return emb if isinstance(emb, nn.Module) else None
+
+
+def count_input_grad_hooks(emb: nn.Module | None) -> int:
+    """How many input-require-grads hooks (transformers', PEFT's or kbitprep's) an embedding carries."""
+    if emb is None:
+        return 0
+    return sum(
+        1
+        for h in emb._forward_hooks.values()
+        if getattr(h, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad")
+        or getattr(h, "_kbitprep_input_grads", False)
+    )
+
+
+def _own_adapter_params(mod: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    names = tuple(getattr(mod, "adapter_layer_names", ())) + tuple(getattr(mod, "other_param_names", ()))
+    for attr in names:
+        sub = getattr(mod, attr, None)
+        if isinstance(sub, nn.Module):
+            ids.update(id(p) for p in sub.parameters())
+    if type(mod).__name__ == "ModulesToSaveWrapper":
+        sub = getattr(mod, "modules_to_save", None)
+        if isinstance(sub, nn.Module):
+            ids.update(id(p) for p in sub.parameters())
+    return ids
+
+
+def adapter_param_ids(model: nn.Module) -> set[int]:
+    """Parameters of PEFT adapter layers (lora_A, lora_B, ...) and modules_to_save copies."""
+    ids: set[int] = set()
+    for mod in model.modules():
+        ids |= _own_adapter_params(mod)
+    return ids
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether the model is wrapped by PEFT (checked without importing peft)."""
+    return hasattr(model, "peft_config") and any(hasattr(m, "adapter_layer_names") for m in model.modules())
+
+
+def module_name(model: nn.Module, target: nn.Module | None) -> str:
+    if target is None:
+        return "?"
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name or "<root>"
+    return type(target).__name__
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The output head (``lm_head``) of a transformers model, or ``None``."""
+    for mod in model.modules():
+        getter = getattr(mod, "get_output_embeddings", None)
+        if callable(getter):
+            try:
+                head = getter()
+            except (NotImplementedError, AttributeError):
+                continue
+            if isinstance(head, nn.Module):
+                return head
+    return None
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """The parts of a model that planning and preparing look at, found once.
+
+    Attributes:
+        target: the transformers model that can checkpoint (also inside a PEFT wrapper), or ``None``.
+        embeddings: its input embeddings, or ``None``; ``embeddings_name`` their qualified name.
+        head: the output head, or ``None``.
+        adapters: ``id`` of every PEFT adapter parameter (lora_A, lora_B, modules_to_save copies).
+        peft_wrapped: the model is wrapped by PEFT.
+        existing: checkpointing the model already has enabled, or ``None``.
+        configs: every config object of the model, nested ones included.
+    """
+
+    target: nn.Module | None
+    embeddings: nn.Module | None
+    embeddings_name: str
+    head: nn.Module | None
+    adapters: frozenset[int]
+    peft_wrapped: bool
+    existing: ExistingCheckpointing | None
+    configs: tuple[Any, ...]
+
+
+def _call(mod: nn.Module, getter: str) -> nn.Module | None:
+    try:
+        found = getattr(mod, getter)()
+    except (NotImplementedError, AttributeError):
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def anatomy(model: nn.Module) -> Anatomy:
+    """Find the :class:`Anatomy` of ``model`` in one pass over its modules."""
+    names: dict[int, str] = {}
+    target: nn.Module | None = None
+    head: nn.Module | None = None
+    existing: ExistingCheckpointing | None = None
+    adapters: set[int] = set()
+    has_adapter_layers = False
+    configs: list[Any] = []
+    for name, mod in model.named_modules():
+        names[id(mod)] = name
+        cls = type(mod)
+        if target is None:
+            api = hasattr(cls, "activation_checkpointing_enable") or hasattr(cls, "gradient_checkpointing_enable")
+            if api and getattr(mod, "supports_gradient_checkpointing", True):
+                target = mod
+        if head is None and callable(getattr(mod, "get_output_embeddings", None)):
+            head = _call(mod, "get_output_embeddings")
+        if existing is None and getattr(mod, "gradient_checkpointing", False) is True:
+            existing = existing_checkpointing(mod)
+        if hasattr(mod, "adapter_layer_names"):
+            has_adapter_layers = True
+        adapters.update(_own_adapter_params(mod))
+        cfg = getattr(mod, "config", None)
+        if _is_config(cfg):
+            configs.append(cfg)
+    root = target or model
+    emb = _call(root, "get_input_embeddings") if hasattr(type(root), "get_input_embeddings") else None
+    emb_name = "?" if emb is None else ((names[id(emb)] or "<root>") if id(emb) in names else type(emb).__name__)
+    return Anatomy(
+        target=target,
+        embeddings=emb,
+        embeddings_name=emb_name,
+        head=head,
+        adapters=frozenset(adapters),
+        peft_wrapped=hasattr(model, "peft_config") and has_adapter_layers,
+        existing=existing,
+        configs=tuple(_with_nested(configs)),
+    )

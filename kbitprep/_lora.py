@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ._anatomy import output_head
 from ._registry import Registry, default_registry
 from .errors import BackendUnavailableError
 
@@ -25,19 +26,6 @@ __all__ = ["lora_config", "lora_targets"]
 _PLAIN_LINEAR = ("Linear", "Conv1D")
 #: Attributes of PEFT's LoRA layers whose submodules are adapters, never targets.
 _ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    for mod in model.modules():
-        getter = getattr(mod, "get_output_embeddings", None)
-        if callable(getter):
-            try:
-                head = getter()
-            except (NotImplementedError, AttributeError):
-                continue
-            if isinstance(head, nn.Module):
-                return head
-    return None
 
 
 def _selected(model: nn.Module, registry: Registry | None, backend: str | None) -> list[tuple[Any, Any]]:
@@ -52,7 +40,7 @@ def _targets(model: nn.Module, decided: list[tuple[Any, Any]], include_head: boo
         claimed.extend(decl.lora_targets if decl.lora_targets is not None else det.modules)
     claimed = [n for n in claimed if n]  # a backend claiming the root claims the model, not a layer
     inside = tuple(f"{n}." for n in claimed)
-    head = None if include_head else _output_head(model)
+    head = None if include_head else output_head(model)
     plain: list[str] = []
     for name, mod in model.named_modules():
         if not name or name.startswith(inside) or mod is head:

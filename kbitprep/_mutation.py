@@ -19,15 +19,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ._anatomy import existing_checkpointing, model_configs
+from ._anatomy import Anatomy, anatomy, count_input_grad_hooks
 from ._memory import apply_memory_modes
-from ._planning import (
-    Plan,
-    check_plan_matches,
-    checkpointing_target,
-    count_input_grad_hooks,
-    input_embeddings,
-)
+from ._planning import Plan, check_plan_matches
 from ._snapshot import Changes, Snapshot
 from ._tensors import iter_unique_parameters
 from .errors import CheckpointingOverrideWarning, NotPreparedError, NotTrainableError, UnsupportedModelError
@@ -136,12 +130,12 @@ def _refuse_unusable(model: nn.Module) -> None:
     )
 
 
-def _enable_checkpointing(model: nn.Module, plan: Plan) -> None:
-    target = checkpointing_target(model)
+def _enable_checkpointing(body: Anatomy, plan: Plan) -> None:
+    target = body.target
     if target is None:
         return
     kwargs = dict(plan.checkpointing_kwargs)
-    existing = existing_checkpointing(target)
+    existing = body.existing
     if existing is not None and dict(existing.kwargs) == kwargs:
         return  # already enabled exactly so (by the user): keep it, their wrapper included
     if existing is not None:
@@ -152,7 +146,7 @@ def _enable_checkpointing(model: nn.Module, plan: Plan) -> None:
             CheckpointingOverrideWarning,
             stacklevel=4,
         )
-    emb = input_embeddings(model)
+    emb = body.embeddings
     had_hook = count_input_grad_hooks(emb) > 0
     hooks_before = set(emb._forward_hooks) if emb is not None else set()
     handles_before = {k: vars(target).get(k, _MISSING) for k in _TRANSFORMERS_HOOK_HANDLES}
@@ -171,9 +165,9 @@ def _enable_checkpointing(model: nn.Module, plan: Plan) -> None:
                 vars(target)[attr] = value
 
 
-def _turn_off_use_cache(model: nn.Module, plan: Plan) -> None:
+def _turn_off_use_cache(body: Anatomy, plan: Plan) -> None:
     names = set(plan.use_cache_off)
-    for cfg in model_configs(model):
+    for cfg in body.configs:
         if type(cfg).__name__ in names and getattr(cfg, "use_cache", None):
             cfg.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
 
@@ -186,8 +180,8 @@ def _make_inputs_require_grad(module: nn.Module, inputs: Any, output: Any) -> No
 _make_inputs_require_grad._kbitprep_input_grads = True  # type: ignore[attr-defined]
 
 
-def _install_input_grads_hook(model: nn.Module, plan: Plan) -> None:
-    emb = input_embeddings(model)
+def _install_input_grads_hook(body: Anatomy, plan: Plan) -> None:
+    emb = body.embeddings
     if emb is None or count_input_grad_hooks(emb):
         return
     needs = any(d.input_grads_hook for d in plan.declarations)
@@ -227,7 +221,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
 
     started = time.perf_counter()
     by_name = {aliases[0]: p for _, aliases, p, _ in iter_unique_parameters(model)}
-    emb = input_embeddings(model)
+    body = anatomy(model)  # the model's parts, found once for the whole apply
+    emb = body.embeddings
     hooks_before = dict(emb._forward_hooks) if emb is not None else {}
     snapshot = Snapshot(model)
     steps: list[str] = []
@@ -249,11 +244,11 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
             upcast_ids.add(id(p))
         steps.append(f"upcast {len(plan.to_upcast)} parameters to fp32")
         if plan.checkpointing is not CheckpointMode.OFF:
-            _enable_checkpointing(model, plan)
+            _enable_checkpointing(body, plan)
             steps.append(f"enabled {plan.checkpointing.value} checkpointing")
-            _install_input_grads_hook(model, plan)
+            _install_input_grads_hook(body, plan)
         if plan.use_cache_off:
-            _turn_off_use_cache(model, plan)
+            _turn_off_use_cache(body, plan)
             steps.append(f"use_cache off on {', '.join(plan.use_cache_off)}")
         done = apply_memory_modes(model, plan)  # the last step: it patches forwards of a prepared model
         if done:

@@ -9,12 +9,12 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._anatomy import existing_checkpointing, model_configs
+from ._anatomy import anatomy, checkpointing_target, count_input_grad_hooks, input_embeddings
 from ._fsdp import check_fsdp_dtypes, detect_fsdp, fsdp_choices
 from ._memory import MemoryChoice, memory_plan, preset_options, resolve_memory
 from ._peft_rules import peft_casts
@@ -252,62 +252,6 @@ def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
     return (weakref.ref(model), tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
 
 
-def checkpointing_target(model: nn.Module) -> nn.Module | None:
-    """The transformers model inside ``model`` (also through a PEFT wrapper) that can checkpoint."""
-    for mod in model.modules():
-        cls = type(mod)
-        api = hasattr(cls, "activation_checkpointing_enable") or hasattr(cls, "gradient_checkpointing_enable")
-        if api and getattr(mod, "supports_gradient_checkpointing", True):
-            return mod
-    return None
-
-
-def input_embeddings(model: nn.Module) -> nn.Module | None:
-    """The input embedding module of a transformers model, or ``None``."""
-    target = checkpointing_target(model) or model
-    getter = getattr(type(target), "get_input_embeddings", None)
-    if getter is None:
-        return None
-    try:
-        emb = cast(Any, target).get_input_embeddings()
-    except (NotImplementedError, AttributeError):
-        return None
-    return emb if isinstance(emb, nn.Module) else None
-
-
-def count_input_grad_hooks(emb: nn.Module | None) -> int:
-    """How many input-require-grads hooks (transformers', PEFT's or kbitprep's) an embedding carries."""
-    if emb is None:
-        return 0
-    return sum(
-        1
-        for h in emb._forward_hooks.values()
-        if getattr(h, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad")
-        or getattr(h, "_kbitprep_input_grads", False)
-    )
-
-
-def _adapter_param_ids(model: nn.Module) -> set[int]:
-    """Parameters of PEFT adapter layers (lora_A, lora_B, ...) and modules_to_save copies."""
-    ids: set[int] = set()
-    for mod in model.modules():
-        names = tuple(getattr(mod, "adapter_layer_names", ())) + tuple(getattr(mod, "other_param_names", ()))
-        for attr in names:
-            sub = getattr(mod, attr, None)
-            if isinstance(sub, nn.Module):
-                ids.update(id(p) for p in sub.parameters())
-        if type(mod).__name__ == "ModulesToSaveWrapper":
-            sub = getattr(mod, "modules_to_save", None)
-            if isinstance(sub, nn.Module):
-                ids.update(id(p) for p in sub.parameters())
-    return ids
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether the model is wrapped by PEFT (checked without importing peft)."""
-    return hasattr(model, "peft_config") and any(hasattr(m, "adapter_layer_names") for m in model.modules())
-
-
 def _merge(decls: list[Declarations]) -> Declarations:
     if len(decls) == 1:
         return decls[0]
@@ -396,11 +340,12 @@ def build_plan(
         mode, mode_note = resolve_checkpointing(checkpointing, decl)
         mode_note = fsdp_ckpt_note or mode_note
     notes = list(decl.notes)
-    target = checkpointing_target(model)
+    body = anatomy(model)  # the model's parts, found once for the whole plan
+    target = body.target
     if mode is not CheckpointMode.OFF and target is None:
         notes.append(f"{type(model).__name__} has no gradient_checkpointing_enable(); checkpointing stays off")
         mode, mode_note = CheckpointMode.OFF, "the model has no checkpointing API"
-    existing = existing_checkpointing(target) if target is not None else None
+    existing = body.existing
     keep_existing = False
     if existing is not None and mode is CheckpointMode.OFF:
         notes.append(
@@ -414,7 +359,7 @@ def build_plan(
             keep_existing = True
             mode, mode_note = theirs, f"already enabled on the model ({existing.describe()}): kept"
 
-    adapters = _adapter_param_ids(model)
+    adapters = body.adapters
     # PEFT casts every fp16/bf16 parameter it can (see _peft_rules.peft_casts), tensor subclasses included:
     # some subclasses cast (only their scales change), others raise. Try each subclass cast, as PEFT would.
     subclass_casts = _peft_subclass_casts(unique) if peft_compat else {}
@@ -511,8 +456,8 @@ def build_plan(
 
     hooks: list[str] = []
     if mode is not CheckpointMode.OFF:
-        emb = input_embeddings(model)
-        emb_name = _module_name(model, emb)
+        emb = body.embeddings
+        emb_name = body.embeddings_name
         if emb is not None and count_input_grad_hooks(emb):
             hooks.append(f"input-require-grads hook on {emb_name}: already present, not added again")
         elif (
@@ -539,12 +484,12 @@ def build_plan(
     else:
         fsdp_info = None
 
-    if is_peft_model(model):
+    if body.peft_wrapped:
         notes.append("PEFT-wrapped model: adapter parameters keep their requires_grad; only the base is frozen")
 
     use_cache_off: tuple[str, ...] = ()
     if mode is not CheckpointMode.OFF and not peft_compat:
-        use_cache_off = tuple(type(c).__name__ for c in model_configs(model) if getattr(c, "use_cache", None))
+        use_cache_off = tuple(type(c).__name__ for c in body.configs if getattr(c, "use_cache", None))
         if use_cache_off:
             notes.append(f"use_cache turned off (no KV cache in training) on: {', '.join(use_cache_off)}")
     backend_warnings = tuple(w for d in decls for w in d.warnings)
@@ -603,15 +548,6 @@ def _peft_subclass_casts(unique: list[tuple[str, list[str], nn.Parameter, nn.Mod
         out[id(p)] = tensor_nbytes(cast_copy)
         del cast_copy
     return out
-
-
-def _module_name(model: nn.Module, target: nn.Module | None) -> str:
-    if target is None:
-        return "?"
-    for name, mod in model.named_modules():
-        if mod is target:
-            return name or "<root>"
-    return type(target).__name__
 
 
 def check_plan_matches(plan: Plan, model: nn.Module) -> None:

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ._anatomy import count_input_grad_hooks, input_embeddings
 from ._mutation import prepared_state
-from ._planning import count_input_grad_hooks, input_embeddings
 from .errors import CheckpointingConflictWarning, InvalidPolicyError, NotPreparedError
 from .plugin import CheckpointMode
 
