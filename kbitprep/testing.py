@@ -30,6 +30,7 @@ imports it.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ from ._mutation import prepared_state
 from ._registry import Registry, _contract_problems
 from ._tensors import storage_digest
 from .errors import AlreadyPreparedWarning, NotTrainableError
-from .plugin import Backend, CheckpointMode, Declarations, Detection, FixUp, missing_packages
+from .plugin import Backend, CheckpointMode, Declarations, Detection, FixUp, Scheme, missing_packages
 
 __all__ = ["BackendContract", "contract_problems", "model_state", "tiny_causal_lm", "tiny_llama_config"]
 
@@ -355,6 +356,40 @@ class BackendContract:
             assert isinstance(fix, FixUp) and fix.name.strip() and fix.description.strip(), fix
             assert callable(fix.apply), f"fix-up {fix.name!r} has no callable apply"
         assert all(isinstance(n, str) and n.strip() for n in decl.notes), decl.notes
+        assert all(isinstance(n, str) and n.strip() for n in decl.warnings), decl.warnings
+        modules = {n for n, _ in model.named_modules()}
+        if decl.lora_targets is not None:
+            missing = sorted(set(decl.lora_targets) - modules)
+            assert not missing, f"lora_targets names modules that do not exist: {missing[:5]}"
+        if decl.lora_layers is not None and importlib.util.find_spec("peft") is not None:
+            mapping = decl.lora_layers()
+            assert mapping and all(isinstance(k, type) and isinstance(v, type) for k, v in mapping.items()), (
+                "lora_layers() must return {layer class: LoRA layer class}"
+            )
+        storage = decl.sharded_storage
+        if storage is not None:
+            unknown_storage = sorted(storage.tensors - tensors)
+            assert not unknown_storage, f"sharded_storage names tensors that do not exist: {unknown_storage[:5]}"
+            assert isinstance(storage.reload_hint(torch.bfloat16), str) and storage.setting.strip()
+
+    def test_schemes_are_well_formed(self) -> None:
+        """Each declared :class:`~kbitprep.plugin.Scheme` has a name, a class and a storage formula that
+        gives whole, non-negative bytes (growing with the weight), and a way to load or quantize."""
+        backend = self.get_backend()
+        schemes = tuple(backend.schemes())
+        names = [s.name for s in schemes]
+        assert len(names) == len(set(names)), f"scheme names repeat: {names}"
+        for s in schemes:
+            assert isinstance(s, Scheme), f"{s!r} is not a kbitprep.plugin.Scheme"
+            assert s.name.strip() and s.module_class.strip() and s.summary.strip(), s
+            small, big = s.bytes_for(64, 64, torch.bfloat16), s.bytes_for(128, 256, torch.bfloat16)
+            for data, extra in (small, big):
+                assert isinstance(data, int) and isinstance(extra, int) and data > 0 and extra >= 0, (s.name, data)
+            assert sum(big) > sum(small), f"{s.name}: storage does not grow with the weight"
+            if s.quantizes:
+                assert s.quantization_config is not None or s.quantize is not None, (
+                    f"{s.name}: a quantizing scheme needs quantization_config= or quantize="
+                )
 
     def test_plan_protects_quantized_storage(self) -> None:
         """``kbitprep.plan`` never upcasts or unfreezes declared quantized tensors, under any policy."""
