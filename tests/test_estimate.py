@@ -28,6 +28,8 @@ from kbitprep.app.estimate import (
 from kbitprep.app.metaplan import SCHEMES
 from kbitprep.errors import ConfigError, InvalidPolicyError, KbitprepError
 
+from .tiny import nf4_config
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCH = REPO.parent / "shared" / "bench"
 
@@ -204,17 +206,12 @@ def tiny_checkpoint() -> Path:
 def _real_peak(path: Path, variant: str, batch: int, seq: int) -> int:
     """Load with bnb 4-bit, prepare, LoRA, one warm-up step, then track one real step on the CPU."""
     import peft
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     import kbitprep
     from kbitprep.app.estimate_sim import measure_step
 
-    qc = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    qc = nf4_config()
     model: Any = AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=torch.bfloat16)
     model.train()  # before any forward: an eval-mode forward repacks bnb weights on AVX512-BF16 CPUs
     if variant == "peft":

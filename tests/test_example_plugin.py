@@ -22,7 +22,7 @@ from kbitprep.plugin import missing_packages
 from kbitprep.testing import BackendContract
 
 from .distributions import EXAMPLES, install, on_path
-from .tiny import saved_tiny_llama
+from .tiny import nf4_config, saved_tiny_llama
 
 EXAMPLE = EXAMPLES / "kbitprep-example-plugin"
 PLUGIN_FILE = EXAMPLE / "kbitprep_example_plugin" / "__init__.py"
@@ -32,14 +32,9 @@ pytestmark = pytest.mark.skipif(bool(missing_packages(["bitsandbytes"])), reason
 
 
 def _bnb_4bit() -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    config = nf4_config()
     return AutoModelForCausalLM.from_pretrained(
         saved_tiny_llama(torch.bfloat16), quantization_config=config, dtype=torch.bfloat16
     )

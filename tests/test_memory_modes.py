@@ -25,7 +25,7 @@ from kbitprep._memory import (
 from kbitprep.errors import InvalidPolicyError, KbitprepWarning, NotPreparedError
 
 from .state import model_state
-from .tiny import tiny_llama
+from .tiny import nf4_config, tiny_llama
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-3, atol=2e-3)}
 
@@ -408,19 +408,14 @@ def test_lowest_with_bitsandbytes_under_autocast_on_cuda(tmp_path: Any) -> None:
     """The chunked head and offload on a bitsandbytes NF4 model with LoRA under bf16 autocast."""
     pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     tiny_llama(torch.bfloat16, hidden_size=512, intermediate_size=1024, num_hidden_layers=2).save_pretrained(tmp_path)
     results = {}
     for memory in ("default", "lowest"):
         model = AutoModelForCausalLM.from_pretrained(
             tmp_path,
-            quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            ),
+            quantization_config=nf4_config(),
             dtype=torch.bfloat16,
             device_map={"": 0},
         )

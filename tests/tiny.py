@@ -39,3 +39,12 @@ def batch(vocab: int = 256, seq: int = 16, seed: int = 0) -> dict[str, torch.Ten
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2, seq), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def nf4_config() -> object:
+    """The NF4 double-quantization, bf16-compute config, as the bnb-4bit plugin's scheme declares it
+    (one definition for the demo, the benchmark, the estimate and the tests)."""
+    from kbitprep_plugins.bitsandbytes import NF4
+
+    assert NF4.quantization_config is not None
+    return NF4.quantization_config(torch.bfloat16)

@@ -5,18 +5,13 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from ...tiny import saved_tiny_llama
+from ...tiny import nf4_config, saved_tiny_llama
 from ..case import BackendCase
 
 
 def load_bnb_4bit() -> torch.nn.Module:
     """A tiny Llama reloaded in NF4 with double quantization and bf16 compute (eval mode, as loaded)."""
-    qc = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    qc = nf4_config()
     return AutoModelForCausalLM.from_pretrained(
         saved_tiny_llama(torch.bfloat16), quantization_config=qc, dtype=torch.bfloat16
     )
