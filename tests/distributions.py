@@ -66,3 +66,26 @@ def on_path(*sites: Path) -> Iterator[None]:
             if any(str(s) in str(getattr(sys.modules[mod], "__file__", "") or "") for s in sites):
                 del sys.modules[mod]
         importlib.invalidate_caches()
+
+
+def assert_contract_suite_passes(example: Path, env: dict[str, str], own_tests: int) -> None:
+    """Run an example plugin's own tests (kbitprep's shipped contract suite plus ``own_tests`` of its
+    own) with pytest in a subprocess, as its author would, and check every contract check ran and passed."""
+    import re
+
+    from kbitprep.testing import BackendContract
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
+        cwd=example,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    summary = out.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    contract_checks = [n for n in dir(BackendContract) if n.startswith("test_")]
+    assert passed and int(passed.group(1)) == len(contract_checks) + own_tests, summary
+    assert "skipped" not in summary and "failed" not in summary, summary

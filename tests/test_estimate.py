@@ -180,16 +180,7 @@ def test_predictions_order_the_settings_as_measured(predictions: dict[tuple[str,
 # --------------------------------------------------------------------------- a real CPU step
 
 
-TINY = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=2048,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-)
+TINY = _bench_models()["tiny"]  # the benchmark's tiny model
 
 
 @pytest.fixture(scope="module")

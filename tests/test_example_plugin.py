@@ -8,8 +8,6 @@ shipped contract suite (its own tests, run with pytest in a subprocess as its au
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -19,9 +17,8 @@ import torch
 
 import kbitprep
 from kbitprep.plugin import missing_packages
-from kbitprep.testing import BackendContract
 
-from .distributions import EXAMPLES, install, on_path
+from .distributions import EXAMPLES, assert_contract_suite_passes, install, on_path
 from .tiny import nf4_config, saved_tiny_llama
 
 EXAMPLE = EXAMPLES / "kbitprep-example-plugin"
@@ -102,18 +99,4 @@ def test_passes_the_shipped_contract_suite() -> None:
     site = install("kbitprep-example-plugin", where=EXAMPLES)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(site), *(p for p in sys.path if p)])
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
-        cwd=EXAMPLE,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    summary = out.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
-    contract_checks = [n for n in dir(BackendContract) if n.startswith("test_")]
-    # every contract check ran (none skipped) and the plugin's own two tests passed
-    assert passed and int(passed.group(1)) == len(contract_checks) + 2, summary
-    assert "skipped" not in summary and "failed" not in summary, summary
+    assert_contract_suite_passes(EXAMPLE, env, own_tests=2)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -27,9 +26,9 @@ from torch import nn
 
 import kbitprep
 from kbitprep.plugin import class_path, find_modules, missing_packages
-from kbitprep.testing import BackendContract, model_state, tiny_causal_lm
+from kbitprep.testing import model_state, tiny_causal_lm
 
-from .distributions import EXAMPLES, install, on_path
+from .distributions import EXAMPLES, assert_contract_suite_passes, install, on_path
 from .tiny import batch, tiny_llama_config
 
 DIST = "kbitprep-toyquant-plugin"
@@ -258,18 +257,4 @@ def test_cli_plans_a_config_with_the_plugins_scheme(site: Path, tmp_path: Path) 
 
 
 def test_passes_the_shipped_contract_suite(site: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
-        cwd=EXAMPLE,
-        env=_env(site),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    summary = out.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
-    contract_checks = [n for n in dir(BackendContract) if n.startswith("test_")]
-    # every contract check ran (none skipped) and the plugin's own two tests passed
-    assert passed and int(passed.group(1)) == len(contract_checks) + 2, summary
-    assert "skipped" not in summary and "failed" not in summary, summary
+    assert_contract_suite_passes(EXAMPLE, _env(site), own_tests=2)
