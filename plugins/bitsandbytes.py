@@ -182,6 +182,21 @@ def _quantized_heads(modules: tuple[str, ...], kind: str) -> tuple[str, ...]:
     )
 
 
+def _unconverted_experts(model: nn.Module) -> tuple[str, ...]:
+    """A note when fused expert weights (3-D parameters, as in Mixtral / Qwen MoE) stay in full precision:
+    transformers' bitsandbytes integration converts ``nn.Linear`` layers only."""
+    fused = [p for p in model.parameters() if p.dim() >= 3 and p.dtype.is_floating_point]
+    if not fused:
+        return ()
+    fused_bytes = sum(p.numel() * p.element_size() for p in fused)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (
+        f"{len(fused)} fused expert weights (3-D parameters, {100 * fused_bytes / max(total, 1):.0f}% of the "
+        "loaded bytes) stay in full precision: transformers' bitsandbytes integration converts nn.Linear layers "
+        "only, so this model is only partly quantized",
+    )
+
+
 def _packed(mod: nn.Module) -> list[nn.Parameter]:
     """The ``Params4bit`` of ``mod`` whose layout bnb repacked for its CPU inference kernel."""
     return [
@@ -244,7 +259,10 @@ class Bnb4bitBackend(Backend):
         mods = [m for n, m in model.named_modules() if n in claimed]
         packed = sum(len(_packed(m)) for m in mods)
         repacks = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in mods)
-        notes = (f"{packed} Linear4bit weights are packed for CPU inference; prepare unpacks them",) if packed else ()
+        notes: tuple[str, ...] = (
+            (f"{packed} Linear4bit weights are packed for CPU inference; prepare unpacks them",) if packed else ()
+        )
+        notes += _unconverted_experts(model)
         # Params4bit is packed storage whatever dtype it reports (bnb_4bit_quant_storage=bf16 packs into bf16)
         storage = quantized_tensor_names(
             model, detection.modules, include=lambda n, t: type(t).__name__ == "Params4bit"

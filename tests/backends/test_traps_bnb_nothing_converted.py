@@ -111,3 +111,24 @@ def test_a_quantized_classification_head_is_warned_with_the_fix(tmp_path: Path) 
     with warnings.catch_warnings():
         warnings.simplefilter("error", kbitprep.BackendWarning)
         assert kbitprep.plan(fixed).warnings == ()
+
+
+def test_fused_moe_experts_left_in_full_precision_are_noted(tmp_path: Path) -> None:
+    """Mixtral's experts are fused 3-D parameters that transformers' bitsandbytes integration does not
+    convert: the plan says how much of the model stays in full precision."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    MixtralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    fused = [n for n, p in model.named_parameters() if p.dim() >= 3]
+    assert fused, "transformers now converts fused experts: this note is obsolete"
+    plan = kbitprep.plan(model)
+    note = next((n for n in plan.notes if "fused expert weights" in n), "")
+    assert note.startswith(f"{len(fused)} fused expert weights") and "stay in full precision" in note, plan.notes
+    dense = kbitprep.plan(load_bnb_4bit())
+    assert not any("fused expert" in n for n in dense.notes)
