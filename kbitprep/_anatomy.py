@@ -6,22 +6,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 
 __all__ = [
     "Anatomy",
     "ExistingCheckpointing",
-    "adapter_param_ids",
     "anatomy",
     "checkpointing_target",
     "count_input_grad_hooks",
     "existing_checkpointing",
     "input_embeddings",
-    "is_peft_model",
     "model_configs",
-    "module_name",
     "output_head",
 ]
 
@@ -80,45 +77,54 @@ class ExistingCheckpointing:
         return items or "no keyword arguments"
 
 
+def _existing_on(mod: nn.Module) -> ExistingCheckpointing | None:
+    """The checkpointing enabled on this one module (transformers' per-layer flag), or ``None``."""
+    if getattr(mod, "gradient_checkpointing", False) is not True:
+        return None
+    func = vars(mod).get("_gradient_checkpointing_func")
+    if func is None:
+        return None
+    inner, kwargs = (func.func, dict(func.keywords)) if isinstance(func, functools.partial) else (func, {})
+    from torch.utils.checkpoint import checkpoint
+
+    return ExistingCheckpointing(kwargs, wrapped=inner is not checkpoint)
+
+
 def existing_checkpointing(model: nn.Module) -> ExistingCheckpointing | None:
     """The checkpointing enabled on ``model`` now (transformers' per-layer flags), or ``None``."""
-    for mod in model.modules():
-        if getattr(mod, "gradient_checkpointing", False) is True:
-            func = vars(mod).get("_gradient_checkpointing_func")
-            if func is None:
-                continue
-            if isinstance(func, functools.partial):
-                inner = func.func
-                kwargs = dict(func.keywords)
-            else:
-                inner, kwargs = func, {}
-            from torch.utils.checkpoint import checkpoint
+    return next((found for mod in model.modules() if (found := _existing_on(mod)) is not None), None)
 
-            return ExistingCheckpointing(kwargs, wrapped=inner is not checkpoint)
-    return None
+
+def _can_checkpoint(mod: nn.Module) -> bool:
+    cls = type(mod)
+    api = hasattr(cls, "activation_checkpointing_enable") or hasattr(cls, "gradient_checkpointing_enable")
+    return api and getattr(mod, "supports_gradient_checkpointing", True)
+
+
+def _call(mod: nn.Module, getter: str) -> nn.Module | None:
+    """``mod.<getter>()`` when the class has it and it returns a module, else ``None``."""
+    if not callable(getattr(type(mod), getter, None)):
+        return None
+    try:
+        found = getattr(mod, getter)()
+    except (NotImplementedError, AttributeError):
+        return None
+    return found if isinstance(found, nn.Module) else None
 
 
 def checkpointing_target(model: nn.Module) -> nn.Module | None:
     """The transformers model inside ``model`` (also through a PEFT wrapper) that can checkpoint."""
-    for mod in model.modules():
-        cls = type(mod)
-        api = hasattr(cls, "activation_checkpointing_enable") or hasattr(cls, "gradient_checkpointing_enable")
-        if api and getattr(mod, "supports_gradient_checkpointing", True):
-            return mod
-    return None
+    return next((mod for mod in model.modules() if _can_checkpoint(mod)), None)
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
     """The input embedding module of a transformers model, or ``None``."""
-    target = checkpointing_target(model) or model
-    getter = getattr(type(target), "get_input_embeddings", None)
-    if getter is None:
-        return None
-    try:
-        emb = cast(Any, target).get_input_embeddings()
-    except (NotImplementedError, AttributeError):
-        return None
-    return emb if isinstance(emb, nn.Module) else None
+    return _call(checkpointing_target(model) or model, "get_input_embeddings")
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The output head (``lm_head``) of a transformers model, or ``None``."""
+    return next((head for mod in model.modules() if (head := _call(mod, "get_output_embeddings")) is not None), None)
 
 
 def count_input_grad_hooks(emb: nn.Module | None) -> int:
@@ -134,53 +140,16 @@ def count_input_grad_hooks(emb: nn.Module | None) -> int:
 
 
 def _own_adapter_params(mod: nn.Module) -> set[int]:
+    """``id`` of the PEFT adapter parameters one module holds (lora_A/B ..., modules_to_save copies)."""
     ids: set[int] = set()
     names = tuple(getattr(mod, "adapter_layer_names", ())) + tuple(getattr(mod, "other_param_names", ()))
+    if type(mod).__name__ == "ModulesToSaveWrapper":
+        names += ("modules_to_save",)
     for attr in names:
         sub = getattr(mod, attr, None)
         if isinstance(sub, nn.Module):
             ids.update(id(p) for p in sub.parameters())
-    if type(mod).__name__ == "ModulesToSaveWrapper":
-        sub = getattr(mod, "modules_to_save", None)
-        if isinstance(sub, nn.Module):
-            ids.update(id(p) for p in sub.parameters())
     return ids
-
-
-def adapter_param_ids(model: nn.Module) -> set[int]:
-    """Parameters of PEFT adapter layers (lora_A, lora_B, ...) and modules_to_save copies."""
-    ids: set[int] = set()
-    for mod in model.modules():
-        ids |= _own_adapter_params(mod)
-    return ids
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether the model is wrapped by PEFT (checked without importing peft)."""
-    return hasattr(model, "peft_config") and any(hasattr(m, "adapter_layer_names") for m in model.modules())
-
-
-def module_name(model: nn.Module, target: nn.Module | None) -> str:
-    if target is None:
-        return "?"
-    for name, mod in model.named_modules():
-        if mod is target:
-            return name or "<root>"
-    return type(target).__name__
-
-
-def output_head(model: nn.Module) -> nn.Module | None:
-    """The output head (``lm_head``) of a transformers model, or ``None``."""
-    for mod in model.modules():
-        getter = getattr(mod, "get_output_embeddings", None)
-        if callable(getter):
-            try:
-                head = getter()
-            except (NotImplementedError, AttributeError):
-                continue
-            if isinstance(head, nn.Module):
-                return head
-    return None
 
 
 @dataclass(frozen=True)
@@ -205,14 +174,6 @@ class Anatomy:
     peft_wrapped: bool
     existing: ExistingCheckpointing | None
     configs: tuple[Any, ...]
-
-
-def _call(mod: nn.Module, getter: str) -> nn.Module | None:
-    try:
-        found = getattr(mod, getter)()
-    except (NotImplementedError, AttributeError):
-        return None
-    return found if isinstance(found, nn.Module) else None
 
 
 def anatomy(model: nn.Module) -> Anatomy:
@@ -241,8 +202,7 @@ def anatomy(model: nn.Module) -> Anatomy:
         cfg = getattr(mod, "config", None)
         if _is_config(cfg):
             configs.append(cfg)
-    root = target or model
-    emb = _call(root, "get_input_embeddings") if hasattr(type(root), "get_input_embeddings") else None
+    emb = _call(target or model, "get_input_embeddings")
     emb_name = "?" if emb is None else ((names[id(emb)] or "<root>") if id(emb) in names else type(emb).__name__)
     return Anatomy(
         target=target,

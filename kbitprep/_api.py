@@ -106,7 +106,16 @@ def plan(
     """
     _check_module(model)
     _reject_unknown("plan", unknown, _PLAN_KEYWORDS)
-    options = {k: v for k, v in locals().items() if k in _PLAN_KEYWORDS and k != "strict"}
+    options: dict[str, Any] = {
+        "backend": backend,
+        "upcast": upcast,
+        "checkpointing": checkpointing,
+        "checkpointing_kwargs": checkpointing_kwargs,
+        "allow_mismatch": allow_mismatch,
+        "registry": registry,
+        "memory": memory,
+        "fsdp": fsdp,
+    }
     with strict_mode(strict):
         return build_plan(model, **options)
 
@@ -160,7 +169,16 @@ def prepare(
     _reject_unknown("prepare", unknown, _PREPARE_KEYWORDS)
     if plan is not None and not isinstance(plan, Plan):
         raise InvalidPolicyError(f"plan= takes a kbitprep.Plan made by kbitprep.plan(model), got {type(plan).__name__}")
-    options = {k: v for k, v in locals().items() if k in _PLAN_KEYWORDS and k != "strict"}
+    options: dict[str, Any] = {
+        "backend": backend,
+        "upcast": upcast,
+        "checkpointing": checkpointing,
+        "checkpointing_kwargs": checkpointing_kwargs,
+        "allow_mismatch": allow_mismatch,
+        "registry": registry,
+        "memory": memory,
+        "fsdp": fsdp,
+    }
     with model_lock(model):  # a second thread waits, then finds the model prepared (a no-op)
         state = prepared_state(model)
         if state is not None:
@@ -256,9 +274,7 @@ def _peft_rules_prepare(
     )
     the_plan = build_plan(
         model,
-        upcast=rules.upcast,
-        checkpointing=rules.checkpointing.value if rules.checkpointing is not CheckpointMode.OFF else False,
-        checkpointing_kwargs=rules.kwargs,
+        **rules.plan_kwargs(),
         peft_compat=True,
     )
     apply_plan(model, the_plan, clear_cache=auto_clear_cache)

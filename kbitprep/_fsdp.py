@@ -248,9 +248,8 @@ def check_fsdp_dtypes(
 
     if storage is not None:
         packed = set(storage.tensors)
-        packed_dtypes = sorted({p.dtype_before for p in base if set(p.aliases) & packed}, key=str)
         others = sorted({p.dtype_before for p in base if not set(p.aliases) & packed and not p.quantized}, key=str)
-        stored = storage.dtype or (packed_dtypes[0] if packed_dtypes else None)
+        stored = storage.dtype
         compute = storage.compute_dtype
         extras[storage.setting] = _short(stored) if stored else None
         if storage.compute_setting:

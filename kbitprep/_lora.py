@@ -38,16 +38,18 @@ def _targets(model: nn.Module, decided: list[tuple[Any, Any]], include_head: boo
     claimed: list[str] = []
     for det, decl in decided:
         claimed.extend(decl.lora_targets if decl.lora_targets is not None else det.modules)
-    claimed = [n for n in claimed if n]  # a backend claiming the root claims the model, not a layer
+    # a backend claiming the root claims the model, not a layer; on a PEFT-wrapped model the backend
+    # claims the wrapped ``base_layer``, and the target is the LoRA layer around it
+    claimed = [n.removesuffix(".base_layer") for n in claimed if n]
     inside = tuple(f"{n}." for n in claimed)
     head = None if include_head else output_head(model)
     plain: list[str] = []
     for name, mod in model.named_modules():
-        if not name or name.startswith(inside) or mod is head:
+        if not name or name.startswith(inside) or mod is head or name.endswith(".base_layer"):
             continue
         if any(f".{c}." in f".{name}." for c in _ADAPTER_CONTAINERS):
             continue
-        if type(mod).__name__ in _PLAIN_LINEAR or type(mod) is nn.Linear:
+        if type(mod).__name__ in _PLAIN_LINEAR:
             plain.append(name)
     names = set(claimed) | set(plain)
     return [n for n, _ in model.named_modules() if n in names]

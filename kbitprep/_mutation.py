@@ -224,7 +224,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
     body = anatomy(model)  # the model's parts, found once for the whole apply
     emb = body.embeddings
     hooks_before = dict(emb._forward_hooks) if emb is not None else {}
-    snapshot = Snapshot(model)
+    snapshot = Snapshot(model, configs=body.configs)
     steps: list[str] = []
     upcast_ids: set[int] = set()
     try:

@@ -44,6 +44,10 @@ class PeftRules:
     checkpointing: CheckpointMode
     kwargs: Mapping[str, Any]
 
+    def plan_kwargs(self) -> dict[str, Any]:
+        """These rules as keyword arguments of the core planner (with ``peft_compat=True``)."""
+        return {"upcast": self.upcast, "checkpointing": self.checkpointing.value, "checkpointing_kwargs": self.kwargs}
+
 
 def peft_rules_for(
     method: str | None,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._anatomy import anatomy, checkpointing_target, count_input_grad_hooks, input_embeddings
+from ._anatomy import anatomy, count_input_grad_hooks
 from ._fsdp import check_fsdp_dtypes, detect_fsdp, fsdp_choices
 from ._memory import MemoryChoice, memory_plan, preset_options, resolve_memory
 from ._peft_rules import peft_casts
@@ -26,7 +26,7 @@ from .plugin import HALF_DTYPES, CheckpointMode, Declarations, FixUp, class_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParamPlan", "Plan", "build_plan", "checkpointing_target", "input_embeddings", "model_fingerprint"]
+__all__ = ["ParamPlan", "Plan", "build_plan", "check_plan_matches", "model_fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,11 @@ class Plan:
     #: Backend warnings (:attr:`kbitprep.plugin.Declarations.warnings`), also raised as
     #: :class:`~kbitprep.errors.BackendWarning` when the plan is made.
     warnings: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling keeps everything but the model reference: an unpickled plan is for no model
+        (``prepare(model, plan=...)`` then raises :class:`~kbitprep.errors.PlanMismatchError`)."""
+        return {**self.__dict__, "fingerprint": ()}
 
     @property
     def extras(self) -> dict[str, Any]:
@@ -446,6 +451,8 @@ def build_plan(
         ckpt_kwargs = {**existing.kwargs, **ckpt_kwargs}  # the user's other settings survive
     if mode is not CheckpointMode.OFF:
         ckpt_kwargs["use_reentrant"] = use_reentrant
+    if keep_existing and existing is not None:
+        ckpt_kwargs = dict(existing.kwargs)  # kept exactly as the user set it: prepare leaves it alone
     replacing = existing is not None and mode is not CheckpointMode.OFF and not keep_existing
     if replacing and existing is not None and dict(existing.kwargs) != ckpt_kwargs:
         notes.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import torch
@@ -35,6 +36,7 @@ UPCAST_POLICIES: dict[str, str] = {
 _CHECKPOINT_CHOICES = ("True", "False", "'on'", *[repr(m.value) for m in CheckpointMode])
 
 
+@functools.cache
 def checkpoint_keywords() -> frozenset[str]:
     """The keyword arguments ``torch.utils.checkpoint.checkpoint`` accepts (this torch version)."""
     import inspect

@@ -267,6 +267,11 @@ class Registry:
             raise PluginContractError(f"cannot register {name!r}: {reason}; pass replace=True to replace it")
         self._backends[name] = info
 
+    def report_failure(self, name: str, stage: str, reason: str, cause: BaseException | None = None) -> None:
+        """Set aside a registered backend that misbehaved at ``stage`` (e.g. ``"schemes"``): a
+        :class:`~kbitprep.errors.PluginWarning` once, listed by :meth:`failures`; raises in strict mode."""
+        self._fail(name, self.get(name).distribution, stage, reason, PluginContractError, cause)
+
     def _fail(
         self,
         name: str,
@@ -285,7 +290,10 @@ class Registry:
                 return
             self._warned.add(key)
             self._failures.append(failure)
-        outcome = "it cannot prepare such models" if stage == "declare" else "it is ignored"
+        outcome = {
+            "declare": "it cannot prepare such models",
+            "schemes": "its quantization schemes are left out",
+        }.get(stage, "it is ignored")
         warnings.warn(
             f"kbitprep: plugin {failure}; {outcome} (set KBITPREP_STRICT=1 to make this an error)",
             PluginWarning,

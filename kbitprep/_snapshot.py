@@ -10,7 +10,7 @@ what changed (so adapters attached afterwards survive an undo).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,7 +156,7 @@ class Changes:
 class Snapshot:
     """References to everything of a model that prepare may change (see the module docstring)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, configs: Iterable[Any] | None = None):
         objs: dict[int, Any] = {}
         tensors: dict[int, torch.Tensor] = {}
         for mod in model.modules():
@@ -167,7 +167,8 @@ class Snapshot:
             for t in list(mod._parameters.values()) + list(mod._buffers.values()):
                 if t is not None:
                     tensors.setdefault(id(t), t)
-        for cfg in model_configs(model):  # sub-configs too (text_config, T5's decoder config ...)
+        # every config, sub-configs too (text_config, T5's decoder config ...)
+        for cfg in model_configs(model) if configs is None else configs:
             objs.setdefault(id(cfg), cfg)
         for t in tensors.values():
             objs.setdefault(id(t), t)

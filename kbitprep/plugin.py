@@ -53,6 +53,7 @@ __all__ = [
     "is_plain_tensor",
     "missing_packages",
     "quant_method",
+    "quantization_setting",
     "quantized_tensor_names",
 ]
 
@@ -479,6 +480,18 @@ def hf_quantizer(model: nn.Module) -> Any | None:
     return getattr(model, "hf_quantizer", None)
 
 
+def quantization_setting(model: nn.Module, key: str, default: Any = None) -> Any:
+    """One setting of the model's ``config.quantization_config`` (a dict, or a transformers config
+    object), e.g. ``quantization_setting(model, "bnb_4bit_quant_storage", "uint8")``; ``default``
+    when the model has no quantization config or the setting is absent."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return default
+    if isinstance(qc, Mapping):
+        return qc.get(key, default)
+    return getattr(qc, key, default)
+
+
 def quant_method(model: nn.Module) -> str | None:
     """The transformers quantization method as a plain lower-case string (``"gptq"``), or ``None``.
 
@@ -487,11 +500,7 @@ def quant_method(model: nn.Module) -> str | None:
     """
     method = getattr(model, "quantization_method", None)
     if method is None:
-        qc = getattr(getattr(model, "config", None), "quantization_config", None)
-        if isinstance(qc, Mapping):
-            method = qc.get("quant_method")
-        elif qc is not None:
-            method = getattr(qc, "quant_method", None)
+        method = quantization_setting(model, "quant_method")
     if method is None:
         return None
     value = getattr(method, "value", method)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from kbitprep.plugin import (
     ShardedStorage,
     class_path,
     hf_quantizer,
+    quantization_setting,
     quantized_tensor_names,
 )
 
@@ -95,11 +95,9 @@ def _as_dtype(value: object) -> torch.dtype | None:
 
 def _sharded_storage(model: nn.Module, storage: frozenset[str]) -> ShardedStorage | None:
     """bitsandbytes 4-bit packs into ``bnb_4bit_quant_storage`` (uint8 unless set): what FSDP must know."""
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qc is None or not storage:
+    if not storage or getattr(getattr(model, "config", None), "quantization_config", None) is None:
         return None
-    get = qc.get if isinstance(qc, Mapping) else lambda k, d=None: getattr(qc, k, d)
-    stored = _as_dtype(get("bnb_4bit_quant_storage", "uint8")) or torch.uint8
+    stored = _as_dtype(quantization_setting(model, "bnb_4bit_quant_storage", "uint8")) or torch.uint8
 
     def hint(dtype: torch.dtype) -> str:
         name = str(dtype).removeprefix("torch.")
@@ -110,7 +108,7 @@ def _sharded_storage(model: nn.Module, storage: frozenset[str]) -> ShardedStorag
         dtype=stored,
         setting="bnb_4bit_quant_storage",
         reload_hint=hint,
-        compute_dtype=_as_dtype(get("bnb_4bit_compute_dtype", None)),
+        compute_dtype=_as_dtype(quantization_setting(model, "bnb_4bit_compute_dtype")),
         compute_setting="bnb_4bit_compute_dtype",
     )
 
@@ -174,7 +172,8 @@ def _quantized_heads(modules: tuple[str, ...], kind: str) -> tuple[str, ...]:
     ]
     if not heads:
         return ()
-    names = ", ".join(repr(h.split(".")[0]) for h in dict.fromkeys(heads))
+    leaves = (next(part for part in h.split(".") if part in _TASK_HEADS) for h in heads)
+    names = ", ".join(repr(leaf) for leaf in dict.fromkeys(leaves))
     return (
         f"the classification head ({', '.join(heads)}) was quantized to {kind}: PEFT trains such a head in full "
         "(modules_to_save) and fails on quantized weights ('only Tensors of floating point dtype can require "
@@ -182,10 +181,23 @@ def _quantized_heads(modules: tuple[str, ...], kind: str) -> tuple[str, ...]:
     )
 
 
+def _warnings(model: nn.Module, detection: Detection, kind: str, layer_class: str) -> tuple[str, ...]:
+    """What the user must act on: no layer converted at all, or a quantized classification head."""
+    if not detection.modules:
+        return _nothing_converted(model, kind, layer_class)
+    return _quantized_heads(detection.modules, kind)
+
+
 def _unconverted_experts(model: nn.Module) -> tuple[str, ...]:
     """A note when fused expert weights (3-D parameters, as in Mixtral / Qwen MoE) stay in full precision:
     transformers' bitsandbytes integration converts ``nn.Linear`` layers only."""
-    fused = [p for p in model.parameters() if p.dim() >= 3 and p.dtype.is_floating_point]
+    fused = [
+        p
+        for m in model.modules()
+        if not isinstance(m, nn.modules.conv._ConvNd)  # convolution kernels are 3-D+ too, and not experts
+        for p in m.parameters(recurse=False)
+        if p.dim() >= 3 and p.dtype.is_floating_point
+    ]
     if not fused:
         return ()
     fused_bytes = sum(p.numel() * p.element_size() for p in fused)
@@ -256,7 +268,8 @@ class Bnb4bitBackend(Backend):
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Quantized ``Params4bit`` storage, no default upcast, both checkpointing modes, CPU unpack fix-up."""
         claimed = set(detection.modules)
-        mods = [m for n, m in model.named_modules() if n in claimed]
+        named = [(n, m) for n, m in model.named_modules() if n in claimed]
+        mods = [m for _, m in named]
         packed = sum(len(_packed(m)) for m in mods)
         repacks = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in mods)
         notes: tuple[str, ...] = (
@@ -268,7 +281,10 @@ class Bnb4bitBackend(Backend):
             model, detection.modules, include=lambda n, t: type(t).__name__ == "Params4bit"
         )
         packed_weights = frozenset(
-            n for n, p in model.named_parameters() if n in storage and type(p).__name__ == "Params4bit"
+            f"{n}.{local}" if n else local
+            for n, m in named
+            for local, p in m.named_parameters(recurse=False)
+            if type(p).__name__ == "Params4bit"
         )
         return Declarations(
             quantized=storage,
@@ -276,9 +292,7 @@ class Bnb4bitBackend(Backend):
             upcast_note=_UPCAST_NOTE,
             fixups=(_unpack_cpu_weights(detection.modules),) if packed or repacks else (),
             notes=notes,
-            warnings=_quantized_heads(detection.modules, "4-bit")
-            if detection.modules
-            else _nothing_converted(model, "4-bit", "Linear4bit"),
+            warnings=_warnings(model, detection, "4-bit", "Linear4bit"),
         )
 
 
@@ -302,7 +316,7 @@ class Bnb8bitBackend(Backend):
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Quantized ``Int8Params`` storage, no default upcast, both checkpointing modes."""
         bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
-        notes = (
+        notes: tuple[str, ...] = (
             (
                 "Linear8bitLt casts bf16 inputs to fp16 (bitsandbytes warns; only CPU training skips the cast); "
                 "load 8-bit models with dtype=torch.float16",
@@ -310,11 +324,10 @@ class Bnb8bitBackend(Backend):
             if bf16
             else ()
         )
+        notes += _unconverted_experts(model)
         return Declarations(
             quantized=quantized_tensor_names(model, detection.modules),
             upcast_note=_UPCAST_NOTE,
             notes=notes,
-            warnings=_quantized_heads(detection.modules, "8-bit")
-            if detection.modules
-            else _nothing_converted(model, "8-bit", "Linear8bitLt"),
+            warnings=_warnings(model, detection, "8-bit", "Linear8bitLt"),
         )

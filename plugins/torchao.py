@@ -41,11 +41,6 @@ def _torchao_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
-def _torchao_weights(model: nn.Module) -> dict[str, str]:
-    """Module name -> class name of the torchao tensor subclass it holds directly."""
-    return {n: type(t).__name__ for n, t in _torchao_tensors(model).items()}
-
-
 def activation_quantization(weight: torch.Tensor) -> str:
     """How a torchao weight quantizes the activations inside its forward, or ``""`` for weight-only.
 

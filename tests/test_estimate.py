@@ -242,7 +242,7 @@ def test_simulation_matches_a_real_cpu_step(tiny_checkpoint: Path, variant: str)
     common = dict(
         batch=batch, seq=seq, lora_r=16, lora_alpha=32, lora_targets="all-linear", target="cpu", foreach=False
     )
-    sim, _ = _simulate_variant(_config(TINY), SCHEMES["bnb-4bit"], torch.bfloat16, rv, common)
+    sim = _simulate_variant(_config(TINY), SCHEMES["bnb-4bit"], torch.bfloat16, rv, common)
     assert sim.peak_bytes == pytest.approx(real, rel=0.02), (sim.peak_bytes, real, sim.parts)
 
 

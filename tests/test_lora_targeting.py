@@ -105,3 +105,16 @@ def test_target_modules_cannot_be_passed() -> None:
 
     with pytest.raises(InvalidPolicyError, match="chooses target_modules itself"):
         kbitprep.lora_config(tiny_llama(), target_modules=["q_proj"])
+
+
+def test_a_peft_wrapped_model_gives_the_same_targets() -> None:
+    """On a PEFT-wrapped model the targets are the LoRA layers (never their ``base_layer`` or adapters)."""
+    from .tiny import tiny_llama
+
+    model = tiny_llama()
+    before = kbitprep.lora_targets(model)
+    wrapped = peft.get_peft_model(model, kbitprep.lora_config(model, r=4))
+    after = kbitprep.lora_targets(wrapped)
+    assert [n.removeprefix("base_model.model.") for n in after] == before
+    assert not any(n.endswith("base_layer") or "lora_" in n for n in after)
+    assert "base_layer" not in kbitprep.lora_config(wrapped).target_modules

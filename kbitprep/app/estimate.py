@@ -13,7 +13,7 @@ storage bytes and allocate what the backend allocates. Every storage's allocatio
 tracked; the peak of live bytes is the estimate.
 
 Decoder layers repeat, so by default a model with more than :data:`EXACT_MAX_LAYERS` layers is
-simulated with 2 and with 4 layers and each part of the peak is extrapolated linearly to the real
+simulated with 1 and with 2 layers and each part of the peak is extrapolated linearly to the real
 depth (exact for identical layers; ``exact=True`` simulates every layer). The largest batch or
 sequence that fits a GPU (``gpu_memory=``) is extrapolated from the estimate: the weights and the
 adapter state stay, everything else grows with the tokens per step.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import sys
 import time
@@ -359,11 +358,12 @@ def _positive(name: str, value: Any) -> int:
 
 def _truncated(config: Any, layers: int) -> Any:
     cfg = copy.deepcopy(config)
-    cfg.num_hidden_layers = layers
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # LLaVA keeps depth there
+    text.num_hidden_layers = layers
     for key in ("layer_types", "mlp_layer_types", "block_types"):
-        value = getattr(cfg, key, None)
+        value = getattr(text, key, None)
         if isinstance(value, list) and len(value) > layers:
-            setattr(cfg, key, value[:layers])
+            setattr(text, key, value[:layers])
     return cfg
 
 
@@ -422,13 +422,25 @@ def _param_dtypes(plan: Any) -> dict[str, torch.dtype]:
 
 
 def _simulate_variant(
-    config: Any, scheme: Any, dtype: torch.dtype, rv: _Resolved, common: dict[str, Any]
-) -> tuple[Any, int]:
+    config: Any,
+    scheme: Any,
+    dtype: torch.dtype,
+    rv: _Resolved,
+    common: dict[str, Any],
+    plans: dict[tuple[int, str], Any] | None = None,
+) -> Any:
+    """Simulate one row at one depth. ``plans`` caches the config plans by (config, upcast): every row
+    and depth needs one, and they depend on nothing else."""
     from .._memory import memory_plan
     from ..plugin import CheckpointMode
     from .metaplan import build_meta_model, converted_linears, plan_from_config
 
-    meta_plan = plan_from_config(config, scheme, upcast=rv.upcast, checkpointing=True, dtype=dtype)
+    key = (id(config), str(rv.upcast))
+    meta_plan = plans.get(key) if plans is not None else None
+    if meta_plan is None:
+        meta_plan = plan_from_config(config, scheme, upcast=rv.upcast, checkpointing=True, dtype=dtype)
+        if plans is not None:
+            plans[key] = meta_plan
     plan = meta_plan.peft if rv.peft else meta_plan.plan
     model = build_meta_model(config, dtype)
     targets = converted_linears(model) if scheme.quantizes else []
@@ -448,7 +460,7 @@ def _simulate_variant(
         offload_impl=rv.offload_impl,
         **common,
     )
-    return simulate(setup, model, targets), sum(p.numel() for p in model.parameters())
+    return simulate(setup, model, targets)
 
 
 def estimate(
@@ -543,7 +555,8 @@ def estimate(
         if not chosen:
             raise InvalidPolicyError("variants= is empty; name at least one row")
     resolved = [_resolve_variant(v, scheme) for v in chosen]
-    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
     sims: tuple[int, ...] = (layers,) if exact or layers <= EXACT_MAX_LAYERS else _FIT_LAYERS
     common = {
         "batch": batch,
@@ -559,10 +572,12 @@ def estimate(
     notes: list[str] = []
     total = len(resolved) * len(sims)
     done = 0
+    depths = {n: config if n == layers else _truncated(config, n) for n in sims}
+    plans: dict[tuple[int, str], Any] = {}
     for rv in resolved:
         results = []
         for n in sims:
-            cfg = config if n == layers else _truncated(config, n)
+            cfg = depths[n]
             if progress:
                 print(
                     f"\rkbitprep estimate: {rv.name} ({n} layers) [{done + 1}/{total}] "
@@ -574,7 +589,7 @@ def estimate(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    res, _ = _simulate_variant(cfg, scheme, float_dtype, rv, common)
+                    res = _simulate_variant(cfg, scheme, float_dtype, rv, common, plans)
                 except KbitprepError:
                     raise
                 except Exception as exc:  # the model code cannot run on fake tensors
@@ -755,7 +770,9 @@ def run_estimate(args: argparse.Namespace, out: Any = None) -> int:
         progress=not getattr(args, "json", False) and sys.stderr.isatty(),
     )
     if getattr(args, "json", False):
-        out.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        from .cli import _emit_json  # the CLI's JSON envelope: "command" and "kbitprep_version" first
+
+        _emit_json({"command": "estimate", **result.to_dict()}, out)
     else:
         out.write(result.render() + "\n")
     return 0

@@ -75,7 +75,6 @@ class StepTracker(TorchDispatchMode):
         self.born: list[int] = []
         self.died: list[int] = []
         self.tags: list[str] = []
-        self.shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
         self.total = 0
         self.peak = 0
         self.peak_clock = 0
@@ -84,13 +83,6 @@ class StepTracker(TorchDispatchMode):
         self.enabled = True
 
     # storages -------------------------------------------------------------
-    def _serial(self, t: torch.Tensor) -> int | None:
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError, TypeError):
-            return None
-        return self.live.get(st._cdata)
-
     def register(self, t: torch.Tensor, tag: str = "") -> int | None:
         """Start tracking ``t``'s storage (if not tracked yet); returns its serial."""
         if not isinstance(t, torch.Tensor) or t.is_sparse:
@@ -114,7 +106,6 @@ class StepTracker(TorchDispatchMode):
         if not tag and self.vocab and self.vocab in tuple(t.shape) and t.dim() >= 1 and t.numel() > self.vocab:
             tag = "logits_loss"
         self.tags.append(tag)
-        self.shapes.append((tuple(t.shape), t.dtype))
         weakref.finalize(st, self._free, key, serial)
         self.total += n
         if not tag:
@@ -163,16 +154,6 @@ class StepTracker(TorchDispatchMode):
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
-
-    def live_at_peak(self) -> list[tuple[int, str, tuple[int, ...], torch.dtype]]:
-        """``(bytes, part, shape, dtype)`` of every storage live at the peak, largest first."""
-        when = self.peak_clock
-        out = []
-        for serial, n in enumerate(self.nbytes):
-            if self.born[serial] <= when and (self.died[serial] == -1 or self.died[serial] > when):
-                tag = self.tags[serial] or ("activations" if serial in self.saved else "transient")
-                out.append((n, tag, *self.shapes[serial]))
-        return sorted(out, key=lambda x: -x[0])
 
     def parts_at_peak(self) -> dict[str, int]:
         """The live bytes at the peak, split into :data:`PARTS`."""
@@ -273,7 +254,7 @@ def _make_stand_in(linear: nn.Linear, scheme: Any, dtype: torch.dtype, target: s
     nn.Module.__init__(mod)
     out_f, in_f = linear.out_features, linear.in_features
     fbytes = torch.empty((), dtype=dtype).element_size()
-    data, extra = scheme.sizer(out_f, in_f, fbytes)
+    data, extra = scheme.weight_bytes(out_f, in_f, fbytes)
     with torch.device("meta"):
         weight = nn.Parameter(torch.empty(data, dtype=torch.uint8), requires_grad=False)
         state = torch.empty(extra, dtype=torch.uint8)
@@ -539,7 +520,7 @@ class SimResult:
         largest_alloc: the largest single allocation that is not a weight or adapter state.
         offloaded_bytes: the most bytes the offload hooks held in host memory at once.
         lora_params: trainable LoRA parameters.
-        ops: aten ops run.
+        notes: remarks on the simulation (a memory mode that stepped aside).
     """
 
     peak_bytes: int
@@ -547,8 +528,6 @@ class SimResult:
     largest_alloc: int
     offloaded_bytes: int
     lora_params: int
-    ops: int
-    live: tuple[Any, ...] = ()
     notes: tuple[str, ...] = ()
 
 
@@ -581,7 +560,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
             hf.enable_input_require_grads()
     offload: Any = None
     if setup.memory:
-        apply_memory_modes(model, _PlanLike({"memory": setup.memory}, setup.memory))  # type: ignore[arg-type]
+        apply_memory_modes(model, _PlanLike(setup.memory))  # type: ignore[arg-type]
         state = _state_of(model)
         if state is not None and state.offload:
             from .._memory import OffloadHooks
@@ -664,15 +643,12 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         largest_alloc=tracker.largest_alloc,
         offloaded_bytes=int(offload.peak_host_bytes) if offload is not None else 0,
         lora_params=sum(p.numel() for p in trainable),
-        ops=tracker.clock,
-        live=tuple(tracker.live_at_peak()[:40]),
         notes=notes,
     )
 
 
 @dataclass
 class _PlanLike:
-    extras: dict[str, Any]
     memory: dict[str, Any] | None = None
 
 

@@ -40,7 +40,7 @@ the data bytes only.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,9 +69,6 @@ __all__ = [
     "scheme_name",
     "schemes",
 ]
-
-
-Sizer = Callable[[int, int, int], tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -110,15 +107,6 @@ class PlannedScheme:
         """Whether this scheme converts any weight (``"none"`` does not)."""
         return self.scheme.quantizes
 
-    @property
-    def sizer(self) -> Sizer:
-        """``(out, inp, float_bytes) -> (data bytes, scale/state bytes)``."""
-        return self.scheme.weight_bytes
-
-    def weight_bytes(self, out: int, inp: int, dtype: torch.dtype) -> tuple[int, int]:
-        """``(data bytes, scale/state bytes)`` of one converted ``out x inp`` weight."""
-        return self.scheme.bytes_for(out, inp, dtype)
-
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description."""
         return {
@@ -149,19 +137,20 @@ def schemes(registry: Registry | None = None) -> dict[str, PlannedScheme]:
     """Every quantization scheme the installed backends declare, by name (``"none"`` last).
 
     A scheme name declared by two backends keeps the higher-priority backend's. A backend whose
-    ``schemes()`` raises is left out (its plugin failure is reported by the registry elsewhere).
+    ``schemes()`` raises is left out and reported as a plugin failure (a ``PluginWarning``; an error in strict mode).
     """
     reg = registry or default_registry()
     found: dict[str, PlannedScheme] = {}
     for name in reg.names():
         try:
             declared = tuple(reg.get(name).backend.schemes())
-        except Exception:  # a broken plugin must not break planning for the others
+        except Exception as exc:  # a broken plugin must not break planning for the others: report it
+            reg.report_failure(name, "schemes", f"schemes() raised {type(exc).__name__}: {exc}", exc)
             continue
         for s in declared:
             if isinstance(s, Scheme) and s.name not in found:
                 found[s.name] = _planned(s, name)
-    ordered = sorted(found.values(), key=lambda p: (not p.quantizes, 0))
+    ordered = sorted(found.values(), key=lambda p: not p.quantizes)
     return {p.name: p for p in ordered}
 
 
@@ -210,8 +199,7 @@ def peft_plan(model: nn.Module, *, registry: Registry | None = None) -> Plan:
     as in the drop-in. Changes nothing.
     """
     rules = peft_rules(model)
-    mode: str | bool = rules.checkpointing.value if rules.checkpointing is not CheckpointMode.OFF else False
-    return build_plan(model, upcast=rules.upcast, checkpointing=mode, peft_compat=True, registry=registry)
+    return build_plan(model, peft_compat=True, registry=registry, **rules.plan_kwargs())
 
 
 # --------------------------------------------------------------------------- configs and meta models
@@ -386,7 +374,7 @@ def _requantize(
         if owner in targets and local == "weight" and scheme.quantizes:
             mod = mods[owner]
             assert isinstance(mod, nn.Linear)
-            data, extra = scheme.sizer(mod.out_features, mod.in_features, fbytes)
+            data, extra = scheme.weight_bytes(mod.out_features, mod.in_features, fbytes)
             weight_total += data
             overhead_total += extra
             numel_total += mod.out_features * mod.in_features

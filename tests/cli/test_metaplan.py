@@ -94,7 +94,7 @@ def test_formula_equals_what_the_library_stores(scheme: str) -> None:
     assert sorted(converted) == sorted(converted_linears(meta))
     shapes = {n: (m.out_features, m.in_features) for n, m in meta.named_modules() if isinstance(m, nn.Linear)}
     for name in converted:
-        data, extra = s.sizer(*shapes[name], f)
+        data, extra = s.weight_bytes(*shapes[name], f)
         assert _stored_bytes(mods[name]) == data + extra, f"{scheme}: {name}"
 
 
@@ -208,3 +208,25 @@ def test_load_config_rejects_malformed_files(tmp_path: Path, text: str, match: s
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(path)
+
+
+def test_a_backend_whose_schemes_raise_is_reported_and_left_out() -> None:
+    import kbitprep
+    from kbitprep.app.metaplan import schemes
+    from kbitprep.plugin import Backend
+
+    class BrokenSchemes(Backend):
+        name = "broken-schemes"
+        priority = 5
+
+        def detect(self, model):  # type: ignore[no-untyped-def]
+            return None
+
+        def schemes(self):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no table")
+
+    reg = kbitprep.Registry(discover=True)
+    reg.register(BrokenSchemes())
+    with pytest.warns(kbitprep.PluginWarning, match=r"schemes\(\) raised RuntimeError: no table.*schemes are left out"):
+        found = schemes(reg)
+    assert "bnb-4bit" in found and [f.stage for f in reg.failures() if f.name == "broken-schemes"] == ["schemes"]

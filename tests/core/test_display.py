@@ -73,3 +73,16 @@ def test_report_repr_and_html() -> None:
     p = _Printer()
     rep._repr_pretty_(p, cycle=False)
     assert p.out == str(rep)
+
+
+def test_a_plan_pickles_without_its_model_reference() -> None:
+    import pickle
+
+    import pytest
+
+    model = tiny_llama()
+    plan = kbitprep.plan(model)
+    again = pickle.loads(pickle.dumps(plan))
+    assert again.to_dict() == plan.to_dict() and again.fingerprint == ()
+    with pytest.raises(kbitprep.PlanMismatchError, match="another model"):
+        kbitprep.prepare(model, plan=again)

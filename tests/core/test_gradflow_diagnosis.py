@@ -361,3 +361,25 @@ def test_the_check_raises_no_user_warning() -> None:
         torch.set_warn_always(was)
     assert result.ok
     assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
+
+
+def test_a_detached_parameter_free_side_branch_is_reported_but_passes_consistently() -> None:
+    """A weightless module that detaches a side branch cuts no trainable path: the check passes, and
+    ``ok`` agrees with it (no raise, ``ok`` True), while ``breaks`` names the module."""
+
+    class Detach(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.detach()
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.d = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), Detach()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.d(y) + self.b(y)
+
+    model = Net()
+    result = kbitprep.verify_gradient_flow(model, {"x": torch.randn(2, 4)})
+    assert result.ok and result.breaks == ("d",)

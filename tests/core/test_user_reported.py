@@ -65,6 +65,7 @@ def test_item3_two_threads_preparing_one_model_prepare_once_and_undo_exactly(run
         t.start()
     for t in threads:
         t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a prepare thread hung (deadlock?)"
     assert not errors, errors
     # warnings.catch_warnings is process-wide, so count the no-op warning over both threads
     noop = {id(w.message) for got in caught for w in got if issubclass(w.category, AlreadyPreparedWarning)}
@@ -104,6 +105,18 @@ def test_item5_users_checkpointing_settings_are_kept_and_no_second_hook() -> Non
     assert _checkpoint_kwargs(model) == {"use_reentrant": False, "preserve_rng_state": False}
     kbitprep.undo(model)
     assert_restored(model, before, "undo after keeping the user's checkpointing")
+
+
+def test_item5_users_checkpointing_without_use_reentrant_is_kept_without_a_warning() -> None:
+    """torch runs ``{}`` reentrant: the plan keeps it exactly, and prepare neither re-enables nor warns."""
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={})
+    plan = kbitprep.plan(model)
+    assert plan.checkpointing.value == "reentrant" and dict(plan.checkpointing_kwargs) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointingOverrideWarning)
+        kbitprep.prepare(model)
+    assert _checkpoint_kwargs(model) == {} and _input_grad_hooks(model) == 1
 
 
 def test_item5_an_explicit_mode_replaces_the_users_settings_with_a_warning_and_a_plan_note() -> None:
