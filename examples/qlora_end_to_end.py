@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="qlora-out", help="where the base (if built), adapter and logs go")
     parser.add_argument("--steps", type=int, default=8, help="training steps")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     start = time.perf_counter()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -413,16 +413,21 @@ def detect_layers(
     is true on the model (``"is_loaded_in_4bit=True"``).
 
     Returns ``None`` when no layer matched, unless ``claim_without_layers`` and the quantization
-    method matched (a model loaded with the library's config whose layers were not converted: the
-    backend then claims it so its declarations can say so). A flag alone never claims a model: it
-    may be stale.
+    method matched or one of ``flags`` is set (a model loaded with the library's config whose layers
+    were not converted, or a flag the library sets itself, like hqq's ``hqq_quantized``: the backend
+    then claims it so its declarations can say so). Without ``claim_without_layers`` a flag alone
+    never claims a model: it may be stale.
     """
-    names = list(layers) if layers is not None else find_modules(model, *classes)
-    mods = dict(model.named_modules()) if names else {}
+    if layers is None:
+        matched = [(n, m) for n, m in model.named_modules() if _class_matches(type(m), classes)]
+    else:
+        wanted = set(layers)
+        matched = [(n, m) for n, m in model.named_modules() if n in wanted]
+    names = [n for n, _ in matched]
     label = describe or class_path
     counts: dict[str, int] = {}
-    for name in names:
-        key = label(mods[name])
+    for _, mod in matched:
+        key = label(mod)
         counts[key] = counts.get(key, 0) + 1
     evidence = [f"{n} x {what}" for what, n in counts.items()]
     method = quant_method(model)
@@ -432,8 +437,9 @@ def detect_layers(
         evidence.append(f"hf_quantizer: {type(quantizer).__name__}")
     elif method_matches:
         evidence.append(f"quantization_method: {method}")
-    evidence += [f"{flag}=True" for flag in flags if getattr(model, flag, False) is True]
-    if not names and not (claim_without_layers and method_matches):
+    set_flags = [flag for flag in flags if getattr(model, flag, False) is True]
+    evidence += [f"{flag}=True" for flag in set_flags]
+    if not names and not (claim_without_layers and (method_matches or set_flags)):
         return None
     return Detection(evidence=tuple(evidence), modules=tuple(names))
 

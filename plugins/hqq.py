@@ -69,9 +69,7 @@ class HqqBackend(Backend):
             model, "hqq.core.quantize.HQQLinear", quant_methods=("hqq",), flags=("hqq_quantized",),
             claim_without_layers=True,
         )  # fmt: skip
-        if found is None and getattr(model, "hqq_quantized", False) is True:
-            return Detection(evidence=("hqq_quantized=True",))
-        if found is not None and found.modules and getattr(model, "hqq_quantized", False) is not True:
+        if found is not None and found.modules and "hqq_quantized=True" not in found.evidence:
             return Detection((*found.evidence, "no hqq_quantized flag (layers swapped in by hand)"), found.modules)
         return found
 

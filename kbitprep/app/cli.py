@@ -75,7 +75,7 @@ import re
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -96,6 +96,10 @@ class UserError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line (``kbitprep: error: ...``), exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # "--debu" must not silently mean --debug
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"kbitprep: error: {message} (see `{self.prog} --help`)\n")
@@ -700,22 +704,23 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 # --------------------------------------------------------------------------- parser and main
 
 
-_PARSE_DEBUG = False  # whether the command line being parsed has --debug (set by main())
-
-
-def _scheme_name(value: str) -> str:
+def _scheme_type(debug: bool) -> Callable[[str], str]:
     """``--quantization``'s type: reading the schemes loads the plugins, whose imports may be noisy;
-    outside ``--debug`` they are as quiet here as during the command."""
+    outside ``--debug`` they are as quiet during parsing as during the command."""
     from .metaplan import scheme_name
 
-    if _PARSE_DEBUG:
-        return scheme_name(value)
-    with _quiet_libraries(False), _own_stdout(to_stderr=False):
-        return scheme_name(value)
+    def checked(value: str) -> str:
+        if debug:
+            return scheme_name(value)
+        with _quiet_libraries(False), _own_stdout(to_stderr=False):
+            return scheme_name(value)
+
+    return checked
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``kbitprep`` command."""
+def build_parser(debug: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of the ``kbitprep`` command (``debug``: the command line has ``--debug``,
+    so loading plugins while parsing may print)."""
     from .._policies import UPCAST_POLICIES
 
     json_help = "print one JSON object on stdout (keys: see docs/cli.md)"
@@ -782,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", help="plan from this config.json on the meta device instead of loading weights")
     plan.add_argument(
         "--quantization",
-        type=_scheme_name,
+        type=_scheme_type(debug),
         default=None,
         metavar="SCHEME",
         help="load (or size) the model with this quantization (default: none, as saved)",
@@ -809,15 +814,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from .estimate import add_estimate_parser
 
-    add_estimate_parser(sub, parents=[common], scheme_type=_scheme_name)
+    add_estimate_parser(sub, parents=[common], scheme_type=_scheme_type(debug))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``kbitprep`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    global _PARSE_DEBUG
-    parser = build_parser()
-    _PARSE_DEBUG = "--debug" in (sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser(debug="--debug" in (sys.argv[1:] if argv is None else list(argv)))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors, --help, --version

@@ -77,3 +77,11 @@ def test_detect_layers_claims_by_quantization_method_only_when_asked() -> None:
 def test_detect_layers_custom_description(toyquant) -> None:  # type: ignore[no-untyped-def]
     det = detect_layers(_model(toyquant), toyquant.ToyQuantLinear, describe=lambda m: f"{type(m).__name__} (int8)")
     assert det is not None and det.evidence == ("2 x ToyQuantLinear (int8)",)
+
+
+def test_a_flag_the_library_sets_itself_claims_only_when_asked() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.hqq_quantized = True  # type: ignore[assignment]
+    assert detect_layers(model, "hqq.core.quantize.HQQLinear", flags=("hqq_quantized",)) is None
+    det = detect_layers(model, "hqq.core.quantize.HQQLinear", flags=("hqq_quantized",), claim_without_layers=True)
+    assert det is not None and det.modules == () and det.evidence == ("hqq_quantized=True",)

@@ -32,13 +32,22 @@ def test_debug_explains_the_backend_choice(caplog: pytest.LogCaptureFixture) -> 
     assert any(m.startswith("selected unquantized for LlamaForCausalLM") for m in msgs)
 
 
-def test_failed_prepare_logs_the_revert(caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_prepare_logs_the_revert(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step failing inside prepare's transaction: the revert is logged at INFO, no "prepared" record."""
+    from kbitprep import _mutation
+
+    def boom(model: object, plan: object) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(_mutation, "apply_memory_modes", boom)
     model = tiny_llama()
-    with caplog.at_level(logging.INFO, logger="kbitprep"), pytest.raises(kbitprep.NotTrainableError):
-        plan = kbitprep.plan(model)
-        object.__setattr__(plan, "trainable", False)
-        kbitprep.prepare(model, plan=plan)
-    assert not any("prepared" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.INFO, logger="kbitprep"), pytest.raises(RuntimeError, match="boom"):
+        kbitprep.prepare(model, upcast="all")
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("kbitprep")]
+    assert any(m.startswith("prepare of LlamaForCausalLM failed (RuntimeError: boom); reverted") for m in messages), (
+        messages
+    )
+    assert not any(m.startswith("prepared ") for m in messages)
 
 
 def test_library_is_silent_by_default() -> None:

@@ -358,7 +358,7 @@ def test_threads_patching_at_once_leave_everything_original() -> None:
 
     def worker(i: int) -> None:
         try:
-            barrier.wait()
+            barrier.wait(timeout=30)
             for _ in range(3):
                 with patch_peft(policy="peft" if i % 2 else None) as s:
                     assert (
@@ -373,7 +373,8 @@ def test_threads_patching_at_once_leave_everything_original() -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a patch_peft thread hung (deadlock?)"
     assert errors == []
     assert peft.prepare_model_for_kbit_training is _peft_function()
 
