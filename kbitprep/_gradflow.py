@@ -8,7 +8,6 @@ named, with its class and, for quantized layers, the class of its weight.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._anatomy import model_configs
+from ._snapshot import Snapshot
 from .errors import GradientFlowError, InvalidModelError, NotAModuleError
 
 __all__ = ["GradientFlowResult", "verify_gradient_flow"]
@@ -181,54 +182,6 @@ def _loss_of(out: Any) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- config snapshot
-
-
-def _configs(model: nn.Module) -> list[Any]:
-    """Every config object reachable from the model's modules (``config``, ``text_config`` ...), once each."""
-    seen: dict[int, Any] = {}
-    todo = [getattr(m, "config", None) for m in model.modules()]
-    while todo:
-        cfg = todo.pop()
-        if cfg is None or id(cfg) in seen or not hasattr(cfg, "to_dict") or not hasattr(cfg, "__dict__"):
-            continue
-        seen[id(cfg)] = cfg
-        todo.extend(v for v in vars(cfg).values() if hasattr(v, "to_dict") and hasattr(v, "__dict__"))
-    return list(seen.values())
-
-
-def _snapshot_configs(model: nn.Module) -> list[tuple[Any, dict[str, tuple[Any, Any]]]]:
-    """For every config: attribute -> (the object, a deep copy of it when it is a container)."""
-    saved = []
-    for cfg in _configs(model):
-        attrs: dict[str, tuple[Any, Any]] = {}
-        for k, v in vars(cfg).items():
-            try:
-                attrs[k] = (v, copy.deepcopy(v) if isinstance(v, dict | list | set) else None)
-            except Exception:
-                attrs[k] = (v, None)
-        saved.append((cfg, attrs))
-    return saved
-
-
-def _restore_configs(saved: list[tuple[Any, dict[str, tuple[Any, Any]]]]) -> None:
-    """Put every config attribute back: added ones removed, reassigned ones and edited containers restored."""
-    for cfg, attrs in saved:
-        current = vars(cfg)
-        for k in [k for k in current if k not in attrs]:
-            del current[k]
-        for k, (obj, deep) in attrs.items():
-            if current.get(k, _MISSING) is not obj:
-                current[k] = obj
-            if deep is not None:
-                try:
-                    edited = bool(obj != deep)
-                except Exception:
-                    edited = False
-                if edited:
-                    current[k] = deep
-
-
-_MISSING = object()
 
 
 # --------------------------------------------------------------------------- where the chain breaks
@@ -409,7 +362,7 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
     feed = dict(inputs) if inputs is not None else _default_inputs(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     probe = None if trainable else _probe_parameter(model)
-    saved_configs = _snapshot_configs(model)
+    saved_configs = Snapshot.of_objects(model_configs(model))  # the probe's forward may edit configs
     emb = _call_quietly(model, "get_input_embeddings")
     emb_out: list[bool] = []
 
@@ -473,7 +426,7 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
             probe[1].requires_grad_(False)
         for m, was in modes:
             m.training = was
-        _restore_configs(saved_configs)
+        saved_configs.changes().revert()
     where = _describe(breaks) if breaks else ""
     checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     hook_missing = bool(emb_out) and not any(emb_out) and checkpointed

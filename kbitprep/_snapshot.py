@@ -175,6 +175,15 @@ class Snapshot:
         self._objs = [_capture_obj(o) for o in objs.values()]
         self._tensors = [_TensorState(t, t.data, t.dtype, t.requires_grad, _data_key(t)) for t in tensors.values()]
 
+    @classmethod
+    def of_objects(cls, objs: Iterable[Any]) -> Snapshot:
+        """A snapshot of plain objects only (config objects, say), no model: their attributes and
+        dict-valued containers, reverted the same way."""
+        snap = cls.__new__(cls)
+        snap._objs = [_capture_obj(o) for o in objs]
+        snap._tensors = []
+        return snap
+
     def changes(self) -> Changes:
         """Compare the model now with the snapshot."""
         ops: list[Any] = []

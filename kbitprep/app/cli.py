@@ -68,7 +68,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
 import re
@@ -78,6 +77,8 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
+
+from .output import emit_json
 
 __all__ = ["EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "EXIT_USER", "UserError", "main"]
 
@@ -270,14 +271,6 @@ def _quiet_libraries(debug: bool, quiet: bool = False, verbose: bool = False) ->
                     hf_logging.enable_progress_bar()
 
 
-def _emit_json(data: dict[str, Any], out: TextIO) -> None:
-    from .. import __version__
-
-    payload = {"command": data.pop("command"), "kbitprep_version": __version__, **data}
-    out.write(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    out.flush()
-
-
 # --------------------------------------------------------------------------- demo
 
 
@@ -339,7 +332,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     process = _process_seconds()
     summary["seconds"]["process"] = process if process is not None else summary["seconds"]["total"]
     if args.json:
-        _emit_json({"command": "demo", **summary}, out)
+        emit_json({"command": "demo", **summary}, out)
         return EXIT_OK
 
     plan, peft, report, flow = result.plan, result.peft, result.report, result.gradient_flow
@@ -478,7 +471,7 @@ def _cmd_backends(args: argparse.Namespace, out: TextIO) -> int:
         for f in failures
     ]
     if args.json:
-        _emit_json({"command": "backends", "backends": entries, "failures": fails}, out)
+        emit_json({"command": "backends", "backends": entries, "failures": fails}, out)
         return EXIT_OK
     rows = []
     for e in entries:
@@ -647,7 +640,7 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         source = {"mode": "checkpoint", "path": str(path), "quantization": scheme_name, "dtype": ",".join(dtypes)}
     vs = _versus_peft(plan, peft)
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "command": "plan",
                 "source": source,

@@ -37,6 +37,7 @@ from torch import nn
 from .._render import format_bytes, table
 from ..errors import InvalidPolicyError, KbitprepError, UnsupportedModelError
 from .estimate_sim import PARTS, SimSetup, simulate
+from .output import emit_json
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -770,9 +771,7 @@ def run_estimate(args: argparse.Namespace, out: Any = None) -> int:
         progress=not getattr(args, "json", False) and sys.stderr.isatty(),
     )
     if getattr(args, "json", False):
-        from .cli import _emit_json  # the CLI's JSON envelope: "command" and "kbitprep_version" first
-
-        _emit_json({"command": "estimate", **result.to_dict()}, out)
+        emit_json({"command": "estimate", **result.to_dict()}, out)
     else:
         out.write(result.render() + "\n")
     return 0
