@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,3 +102,25 @@ def full_loss(model: nn.Module, ids: list[list[int]]) -> float:
             return float(model(input_ids=x, labels=x).loss)
     finally:
         model.train(was)
+
+
+def training_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """``TrainingArguments`` / ``SFTConfig`` / TRL config keywords for a short, quiet, deterministic CPU run."""
+    kw: dict[str, Any] = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=5e-2,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    kw.update(overrides)
+    return kw

@@ -30,7 +30,7 @@ from kbitprep.errors import BackendUnavailableError, InvalidPolicyError, NotPrep
 from kbitprep.testing import model_state
 
 from ..tiny import saved_tiny_llama, tiny_llama
-from .common import adapter_state, load_bnb_4bit, lora_config, tiny_tokenizer
+from .common import adapter_state, load_bnb_4bit, lora_config, tiny_tokenizer, training_kwargs
 
 peft_other = pytest.importorskip("peft.utils.other")
 NAME = "prepare_model_for_kbit_training"
@@ -85,27 +85,6 @@ def _preference_pairs() -> Any:
     )
 
 
-def _trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=5e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        max_length=32,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    kw.update(overrides)
-    return kw
-
-
 def _train_with_switch(trainer_module: str, tmp_path: Path, policy: Any = None, **arg_overrides: Any) -> Any:
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("trl")
@@ -118,7 +97,7 @@ def _train_with_switch(trainer_module: str, tmp_path: Path, policy: Any = None, 
 
     model = load_bnb_4bit(saved_tiny_llama(torch.bfloat16))
     assert model.is_loaded_in_4bit
-    args = config_cls(**_trainer_kwargs(tmp_path, **arg_overrides))
+    args = config_cls(**training_kwargs(tmp_path, max_steps=2, max_length=32, **arg_overrides))
     with pytest.raises(NotPreparedError):
         kbitprep.report(model)
 

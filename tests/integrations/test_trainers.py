@@ -22,9 +22,9 @@ from kbitprep import CheckpointingConflictWarning, checkpointing_status, trainin
 from kbitprep.errors import InvalidPolicyError, NotPreparedError
 
 from ..tiny import saved_tiny_llama, tiny_llama
-from .common import LOADERS, adapter_state, full_loss, learnable_ids, lora_config, tiny_tokenizer
+from .common import LOADERS, adapter_state, full_loss, learnable_ids, lora_config, tiny_tokenizer, training_kwargs
 
-STEPS = 4
+STEPS = 4  # training_kwargs() runs 4 steps
 LR = 5e-2
 
 
@@ -35,27 +35,6 @@ def _load(row: str) -> torch.nn.Module:
     model = loader(saved_tiny_llama(torch.bfloat16))
     assert kbitprep.plan(model).backend == backend
     return model
-
-
-def _training_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=STEPS,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    kw.update(overrides)
-    return kw
 
 
 def _check_trained(
@@ -96,7 +75,7 @@ def test_trainer_trains_prepared_model(row: str, tmp_path: Path) -> None:
     ids = learnable_ids()
     before_loss, before = full_loss(model, ids), adapter_state(model)
 
-    requested = TrainingArguments(**_training_kwargs(tmp_path, gradient_checkpointing=True))
+    requested = TrainingArguments(**training_kwargs(tmp_path, gradient_checkpointing=True))
     args = training_arguments_for(model, requested)
     assert requested.gradient_checkpointing is True  # the caller's object is not changed
     assert args.gradient_checkpointing is False and args.ddp_find_unused_parameters is False
@@ -115,7 +94,7 @@ def test_sft_trainer_trains_prepared_model(row: str, tmp_path: Path) -> None:
 
     base = kbitprep.prepare(_load(row))
     ids = learnable_ids()
-    requested = SFTConfig(**_training_kwargs(tmp_path))
+    requested = SFTConfig(**training_kwargs(tmp_path))
     assert requested.gradient_checkpointing is True  # TRL's default
     args = training_arguments_for(base, requested)
     assert args.gradient_checkpointing is False
@@ -148,7 +127,7 @@ def test_upstream_trainer_reenables_checkpointing(tmp_path: Path) -> None:
     model = get_peft_model(base, lora_config())
     assert checkpointing_status(model).input_grads_hooks == 1
     ids = learnable_ids(1)
-    args = TrainingArguments(**_training_kwargs(tmp_path, gradient_checkpointing=True, max_steps=1))
+    args = TrainingArguments(**training_kwargs(tmp_path, gradient_checkpointing=True, max_steps=1))
     Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})).train()
     status = checkpointing_status(model)
     assert status.input_grads_hooks == 2
@@ -167,9 +146,7 @@ def test_training_arguments_for_aligns_a_copy(tmp_path: Path) -> None:
 
     model = _prepared_tiny(checkpointing="non_reentrant")
     args = TrainingArguments(
-        **_training_kwargs(
-            tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        **training_kwargs(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointingConflictWarning)
@@ -186,7 +163,7 @@ def test_training_arguments_for_keeps_explicit_find_unused(tmp_path: Path) -> No
     from transformers import TrainingArguments
 
     model = _prepared_tiny()
-    args = TrainingArguments(**_training_kwargs(tmp_path, ddp_find_unused_parameters=True))
+    args = TrainingArguments(**training_kwargs(tmp_path, ddp_find_unused_parameters=True))
     assert training_arguments_for(model, args).ddp_find_unused_parameters is True
 
 
@@ -195,9 +172,7 @@ def test_training_arguments_for_warns_on_conflicting_reentrant(tmp_path: Path) -
 
     model = _prepared_tiny(checkpointing="reentrant")
     args = TrainingArguments(
-        **_training_kwargs(
-            tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        **training_kwargs(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     )
     with pytest.warns(CheckpointingConflictWarning, match="use_reentrant=False.*kbitprep prepared reentrant"):
         new = training_arguments_for(model, args)
@@ -210,7 +185,7 @@ def test_training_arguments_for_warns_on_ignored_kwargs(tmp_path: Path) -> None:
 
     model = _prepared_tiny()
     args = TrainingArguments(
-        **_training_kwargs(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"offload": True})
+        **training_kwargs(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"offload": True})
     )
     with pytest.warns(CheckpointingConflictWarning, match="offload are ignored"):
         training_arguments_for(model, args)
@@ -220,7 +195,7 @@ def test_training_arguments_for_leaves_trainer_checkpointing_when_kbitprep_did_n
     from transformers import TrainingArguments
 
     model = _prepared_tiny(checkpointing=False)
-    args = TrainingArguments(**_training_kwargs(tmp_path, gradient_checkpointing=True))
+    args = TrainingArguments(**training_kwargs(tmp_path, gradient_checkpointing=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointingConflictWarning)
         new = training_arguments_for(model, args)
@@ -231,7 +206,7 @@ def test_training_arguments_for_leaves_trainer_checkpointing_when_kbitprep_did_n
 def test_training_arguments_for_refuses_bad_input(tmp_path: Path) -> None:
     from transformers import TrainingArguments
 
-    args = TrainingArguments(**_training_kwargs(tmp_path))
+    args = TrainingArguments(**training_kwargs(tmp_path))
     with pytest.raises(NotPreparedError, match="kbitprep.prepare"):
         training_arguments_for(tiny_llama(), args)
     with pytest.raises(InvalidPolicyError, match="TrainingArguments"):
