@@ -349,12 +349,13 @@ def test_json_and_render(small: Estimate) -> None:
 
 
 def test_estimate_accepts_a_loaded_model_and_leaves_it_alone(tiny_checkpoint: Path) -> None:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from kbitprep.testing import model_state
 
-    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=qc, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoint, quantization_config=nf4_config(), dtype=torch.bfloat16
+    )
     before = model_state(model)
     result = estimate(model, batch=1, seq=64, variants=["default"])
     assert result.quantization == "bnb-4bit"

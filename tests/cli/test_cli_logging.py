@@ -8,14 +8,12 @@ import pytest
 
 from kbitprep.app.cli import main
 
-from ..tiny import tiny_llama
+from ..tiny import saved_tiny_llama
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt")
-    tiny_llama().save_pretrained(path)
-    return path
+def checkpoint() -> Path:
+    return saved_tiny_llama()
 
 
 def test_vv_logs_the_backend_choice(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:

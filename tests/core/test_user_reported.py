@@ -145,24 +145,16 @@ def test_item5_checkpointing_false_leaves_the_users_checkpointing_and_says_so() 
 # --------------------------------------------------------------------------- item 6: use_cache everywhere
 
 
-def _tiny_t5() -> nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
+def _family_model(family_id: str) -> nn.Module:
+    """A tiny bf16 model of one of the architecture families (tests/families.py)."""
+    import transformers
 
+    from ..families import FAMILIES
+
+    family = next(f for f in FAMILIES if f.id == family_id)
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
-    return T5ForConditionalGeneration(cfg).to(torch.bfloat16)
-
-
-def _tiny_llava() -> nn.Module:
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-    )
-    text = kbitprep.testing.tiny_llama_config()
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=255)
-    return LlavaForConditionalGeneration(cfg).to(torch.bfloat16)
+    model: nn.Module = getattr(transformers, family.model_class)(family.make_config())
+    return model.to(torch.bfloat16)
 
 
 def _use_cache_flags(model: nn.Module) -> dict[str, Any]:
@@ -171,9 +163,9 @@ def _use_cache_flags(model: nn.Module) -> dict[str, Any]:
     return {f"{type(c).__name__}#{i}": getattr(c, "use_cache", None) for i, c in enumerate(model_configs(model))}
 
 
-@pytest.mark.parametrize("build", [_tiny_t5, _tiny_llava], ids=["t5", "llava"])
-def test_item6_use_cache_is_turned_off_on_every_config_and_undo_restores_it(build: Any) -> None:
-    model = build()
+@pytest.mark.parametrize("family", ["t5-enc-dec", "llava-vlm"])
+def test_item6_use_cache_is_turned_off_on_every_config_and_undo_restores_it(family: str) -> None:
+    model = _family_model(family)
     flags = _use_cache_flags(model)
     assert any(v is True for v in flags.values())
     nested_true = [k for k, v in flags.items() if v is True]
