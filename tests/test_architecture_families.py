@@ -51,9 +51,11 @@ import torch
 from torch import nn
 
 import kbitprep
+from kbitprep._anatomy import model_configs
 from kbitprep.testing import model_state
 
 from .families import FAMILIES, Family
+from .state import config_snapshot
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
@@ -235,30 +237,8 @@ def _storage_diff(before: dict[str, dict[str, Any]], after: dict[str, dict[str, 
     return diff
 
 
-def _configs(model: nn.Module) -> dict[int, Any]:
-    """Every transformers config object reachable from the model (module configs and their sub-configs)."""
-    from transformers import PretrainedConfig
-
-    found: dict[int, Any] = {}
-
-    def visit(cfg: Any) -> None:
-        if not isinstance(cfg, PretrainedConfig) or id(cfg) in found:
-            return
-        found[id(cfg)] = cfg
-        for value in vars(cfg).values():
-            visit(value)
-
-    for mod in model.modules():
-        visit(getattr(mod, "config", None))
-    return found
-
-
-def _config_snapshot(model: nn.Module) -> list[tuple[str, dict[str, Any]]]:
-    return [(type(c).__name__, c.to_dict()) for c in _configs(model).values()]
-
-
 def _full_state(model: nn.Module) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
-    return model_state(model), _config_snapshot(model)
+    return model_state(model), config_snapshot(model)
 
 
 def _lora_model(family: Family, model: nn.Module) -> nn.Module:
@@ -383,8 +363,8 @@ def test_dropin_parity_with_peft(saved: tuple[Family, Path], model: nn.Module) -
     hooked_a = {n for n, m in theirs.named_modules() if isinstance(m, nn.Embedding | nn.Conv2d) and m._forward_hooks}
     hooked_b = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding | nn.Conv2d) and m._forward_hooks}
     assert hooked_a == hooked_b, "input-require-grads hooks sit on other modules"
-    cache_a = [getattr(c, "use_cache", None) for c in _configs(theirs).values()]
-    cache_b = [getattr(c, "use_cache", None) for c in _configs(model).values()]
+    cache_a = [getattr(c, "use_cache", None) for c in model_configs(theirs)]
+    cache_b = [getattr(c, "use_cache", None) for c in model_configs(model)]
     assert cache_a == cache_b, "the drop-in leaves use_cache as PEFT does (it is prepare() that turns it off)"
 
 
@@ -427,7 +407,7 @@ def test_use_cache_off_everywhere(model: nn.Module) -> None:
     left_on = sorted(
         {
             f"{type(c).__name__}" + (" (decoder)" if getattr(c, "is_decoder", False) else "")
-            for c in _configs(model).values()
+            for c in model_configs(model)
             if getattr(c, "use_cache", None) is True
         }
     )

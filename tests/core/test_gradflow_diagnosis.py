@@ -3,7 +3,6 @@ bad input, no warnings of its own."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,7 @@ from torch import nn
 import kbitprep
 from kbitprep._mutation import prepared_state
 
-from ..state import model_state
+from ..state import config_snapshot, model_state
 from ..tiny import tiny_llama
 
 # --------------------------------------------------------------------------- where the chain breaks
@@ -274,10 +273,6 @@ HEADS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _configs(model: nn.Module) -> dict[str, Any]:
-    return {n: copy.deepcopy(m.config.to_dict()) for n, m in model.named_modules() if hasattr(m, "config")}
-
-
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_prepare_verify_probes_the_heads_transformers_ships(head: str) -> None:
     """Regression: BertForSequenceClassification raised a raw ValueError (token-id labels fed to a
@@ -286,17 +281,17 @@ def test_prepare_verify_probes_the_heads_transformers_ships(head: str) -> None:
     model = HEADS[head]()
     torch.manual_seed(0)
     kbitprep.prepare(model)
-    configs, state = _configs(model), model_state(model)
+    configs, state = config_snapshot(model), model_state(model)
     result = kbitprep.verify_gradient_flow(model)
     assert result.ok and result.checked == 1 and result.with_grad == 1
-    assert _configs(model) == configs
+    assert config_snapshot(model) == configs
     assert model_state(model) == state
     kbitprep.undo(model)
     fresh = HEADS[head]()
-    configs = _configs(fresh)
+    configs = config_snapshot(fresh)
     kbitprep.prepare(fresh, verify=True)
     kbitprep.undo(fresh)
-    assert _configs(fresh) == configs
+    assert config_snapshot(fresh) == configs
 
 
 def test_the_probe_restores_a_config_the_forward_changed() -> None:
@@ -315,11 +310,11 @@ def test_a_head_the_default_probe_cannot_feed_is_a_clear_error_and_prepare_rolls
     from transformers import BertForMultipleChoice
 
     model = BertForMultipleChoice(_bert_config())
-    configs, before = _configs(model), model_state(model)
+    configs, before = config_snapshot(model), model_state(model)
     with pytest.raises(kbitprep.InvalidModelError, match=r"cannot probe BertForMultipleChoice.*inputs=") as caught:
         kbitprep.prepare(model, verify=True)
     assert caught.value.__cause__ is not None
-    assert model_state(model) == before and _configs(model) == configs
+    assert model_state(model) == before and config_snapshot(model) == configs
     assert prepared_state(model) is None
     kbitprep.prepare(model)  # with a batch it accepts, the check runs
     ids = torch.arange(16).view(1, 2, 8)
