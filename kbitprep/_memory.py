@@ -718,10 +718,14 @@ class OffloadHooks:
     host_bytes: int = 0
     peak_host_bytes: int = 0
 
+    #: Tensor types that hold plain values (tensor subclasses keep their own storage and are left alone);
+    #: the memory estimate adds its fake tensors.
+    plain_types: tuple[type, ...] = (torch.Tensor,)
+
     def _eligible(self, t: torch.Tensor) -> bool:
         if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
             return False
-        if type(t) is not torch.Tensor or t.layout is not torch.strided or t.is_quantized or t.numel() == 0:
+        if type(t) not in self.plain_types or t.layout is not torch.strided or t.is_quantized or t.numel() == 0:
             return False
         return t.numel() * t.element_size() >= self.min_bytes
 

@@ -310,20 +310,16 @@ class _SimSaveOnCpu:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
-def _fake_offload_hooks(base: type[Any]) -> Any:
-    """kbitprep's ``OffloadHooks`` with ``force_copy`` (fake CPU tensors stand for CUDA ones), whose
-    eligibility test accepts a fake tensor wherever it accepts a plain one (it tests the exact type)."""
+def _fake_offload_hooks() -> Any:
+    """kbitprep's ``OffloadHooks`` with ``force_copy`` (fake CPU tensors stand for CUDA ones), taking a
+    fake tensor wherever it takes a plain one."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    class FakeOffloadHooks(base):  # type: ignore[misc,valid-type]
-        def _eligible(self, t: torch.Tensor) -> bool:
-            if type(t) is not FakeTensor:
-                return bool(super()._eligible(t))
-            if isinstance(t._base, nn.Parameter) or t.layout is not torch.strided or t.numel() == 0:
-                return False
-            return bool(t.numel() * t.element_size() >= self.min_bytes)
+    from .._memory import OffloadHooks
 
-    return FakeOffloadHooks(force_copy=True)
+    hooks = OffloadHooks(force_copy=True)
+    hooks.plain_types = (torch.Tensor, FakeTensor)
+    return hooks
 
 
 class _HostBytes:
@@ -563,9 +559,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         apply_memory_modes(model, _PlanLike(setup.memory))  # type: ignore[arg-type]
         state = _state_of(model)
         if state is not None and state.offload:
-            from .._memory import OffloadHooks
-
-            offload = _SimSaveOnCpu() if setup.offload_impl == "save_on_cpu" else _fake_offload_hooks(OffloadHooks)
+            offload = _SimSaveOnCpu() if setup.offload_impl == "save_on_cpu" else _fake_offload_hooks()
             state.offloader = offload
     lora = peft.LoraConfig(
         r=setup.lora_r,
