@@ -312,7 +312,7 @@ def build_plan(
             f"kbitprep expects a torch.nn.Module (a loaded transformers model), got {type(model).__name__}"
         )
     checkpointing_kwargs = validate_checkpointing_kwargs(checkpointing_kwargs)
-    if isinstance(checkpointing, str) and checkpointing == "on":
+    if checkpointing == "on":  # the CLI's word for True; the presets and the FSDP policy test True/None
         checkpointing = True
     unique = list(iter_unique_parameters(model))
     if not unique:

@@ -132,9 +132,7 @@ def resolve_checkpointing(
     Raises:
         InvalidPolicyError: an unknown value, or a mode the backend does not support.
     """
-    if checkpointing == "on":
-        checkpointing = True
-    if checkpointing is None or checkpointing is True:
+    if checkpointing is None or checkpointing is True or checkpointing == "on":
         if not decl.checkpointing:
             return CheckpointMode.OFF, "the backend does not support checkpointing"
         return decl.default_checkpointing, "backend default"

@@ -20,41 +20,33 @@ def _int4_bytes(out: int, inp: int, f: int) -> tuple[int, int]:
     return math.ceil(out * inp / 2), groups * 2 * f  # packed pairs + scale and shift per 128-group
 
 
-def _quanto_config(weights: str) -> Any:
-    def build(dtype: torch.dtype) -> Any:
+def _scheme(weights: str, summary: str, formula: str, weight_bytes: Any) -> Scheme:
+    """One quanto weight type, loaded through transformers' ``QuantoConfig(weights=...)``."""
+
+    def config(dtype: torch.dtype) -> Any:
         from transformers import QuantoConfig
 
         return QuantoConfig(weights=weights)
 
-    return build
+    return Scheme(
+        name=f"quanto-{weights}",
+        summary=summary,
+        formula=formula,
+        module_class="QLinear",
+        weight_bytes=weight_bytes,
+        requires=("optimum.quanto",),
+        install_hint="pip install optimum-quanto",
+        allow_upcast=False,
+        quant_method="quanto",
+        quantization_config=config,
+        cast_raises=True,  # quanto weights refuse a dtype change: PEFT's cast crashes
+    )
 
 
 SCHEMES = (
-    Scheme(
-        name="quanto-int8",
-        summary="optimum-quanto int8 weights",
-        formula="n int8 + scale per row",
-        module_class="QLinear",
-        weight_bytes=_int8_bytes,
-        requires=("optimum.quanto",),
-        install_hint="pip install optimum-quanto",
-        allow_upcast=False,
-        quant_method="quanto",
-        quantization_config=_quanto_config("int8"),
-        cast_raises=True,
-    ),
-    Scheme(
-        name="quanto-int4",
-        summary="optimum-quanto int4 weights, group size 128",
-        formula="n/2 packed + scale and shift per 128-group",
-        module_class="QLinear",
-        weight_bytes=_int4_bytes,
-        requires=("optimum.quanto",),
-        install_hint="pip install optimum-quanto",
-        allow_upcast=False,
-        quant_method="quanto",
-        quantization_config=_quanto_config("int4"),
-        cast_raises=True,
+    _scheme("int8", "optimum-quanto int8 weights", "n int8 + scale per row", _int8_bytes),
+    _scheme(
+        "int4", "optimum-quanto int4 weights, group size 128", "n/2 packed + scale and shift per 128-group", _int4_bytes
     ),
 )
 
