@@ -23,9 +23,8 @@ from ._fsdp import FsdpSetting, FsdpWarning, detect_fsdp
 from ._gradflow import GradientFlowResult, verify_gradient_flow
 from ._lora import lora_config, lora_targets
 from ._memory import MEMORY_PRESETS, full_logits, memory_modes, set_memory_modes
-from ._mutation import Report
 from ._patch_peft import PeftPatch, patch_peft
-from ._planning import ParamPlan, Plan
+from ._plan_types import ParamPlan, Plan, Report
 from ._policies import UPCAST_POLICIES, UpcastPolicy
 from ._registry import (
     ENTRY_POINT_GROUP,

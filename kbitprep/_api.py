@@ -10,10 +10,11 @@ from torch import nn
 
 from ._gradflow import verify_gradient_flow
 from ._memory import MemoryChoice
-from ._mutation import Report, apply_plan, model_lock, prepared_state
+from ._mutation import apply_plan, model_lock, prepared_state
 from ._mutation import undo as _undo
 from ._peft_rules import peft_rules
-from ._planning import Plan, build_plan
+from ._plan_types import Plan, Report
+from ._planning import build_plan
 from ._policies import UpcastPolicy
 from ._registry import Registry, strict_mode
 from .errors import AlreadyPreparedWarning, InvalidPolicyError, NotAModuleError, NotPreparedError

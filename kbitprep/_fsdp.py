@@ -28,7 +28,7 @@ from .errors import FsdpWarning, InvalidPolicyError, UnsupportedModelError
 from .plugin import CheckpointMode, Declarations, ShardedStorage
 
 if TYPE_CHECKING:
-    from ._planning import ParamPlan
+    from ._plan_types import ParamPlan
 
 __all__ = [
     "FSDP_ENV_VARIABLES",

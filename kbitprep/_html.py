@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from html import escape
-from typing import TYPE_CHECKING
 
+from ._render import PlanView, ReportView
 from ._render import format_bytes as human_bytes
-
-if TYPE_CHECKING:
-    from ._mutation import Report
-    from ._planning import Plan
 
 __all__ = ["plan_html", "report_html"]
 
@@ -22,7 +18,7 @@ def _row(cells: list[str], header: bool = False) -> str:
     return "<tr>" + "".join(f'<{tag} style="{_CELL}">{escape(c)}</{tag}>' for c in cells) + "</tr>"
 
 
-def _facts(plan: Plan) -> list[tuple[str, str]]:
+def _facts(plan: PlanView) -> list[tuple[str, str]]:
     facts = [
         ("backend", f"{plan.backend} ({', '.join(plan.distributions)})"),
         ("trainable", "yes" if plan.trainable else f"no: {plan.not_trainable_reason}"),
@@ -36,7 +32,7 @@ def _facts(plan: Plan) -> list[tuple[str, str]]:
     return facts
 
 
-def plan_html(plan: Plan, title: str | None = None) -> str:
+def plan_html(plan: PlanView, title: str | None = None) -> str:
     """The plan as a heading, a list of facts and the per-module-type table."""
     head = escape(title or f"kbitprep plan for {plan.model_type}")
     facts = "".join(
@@ -80,7 +76,7 @@ def plan_html(plan: Plan, title: str | None = None) -> str:
     )
 
 
-def report_html(report: Report) -> str:
+def report_html(report: ReportView) -> str:
     """The report: the applied plan's table and the steps that ran."""
     steps = "".join(f"<li>{escape(s)}</li>" for s in report.steps)
     body = plan_html(report.plan, f"kbitprep report for {report.plan.model_type}")

@@ -21,7 +21,8 @@ from torch import nn
 
 from ._anatomy import Anatomy, anatomy, count_input_grad_hooks
 from ._memory import apply_memory_modes
-from ._planning import Plan, check_plan_matches
+from ._plan_types import Plan, Report
+from ._planning import check_plan_matches
 from ._snapshot import Changes, Snapshot
 from ._tensors import iter_unique_parameters
 from .errors import CheckpointingOverrideWarning, NotPreparedError, NotTrainableError, UnsupportedModelError
@@ -46,54 +47,6 @@ def model_lock(model: nn.Module) -> threading.RLock:
         if lock is None:
             lock = _LOCKS[model] = threading.RLock()
         return lock
-
-
-@dataclass(frozen=True)
-class Report:
-    """What prepare did: the plan it applied and what it observed while applying it.
-
-    Attributes:
-        plan: the applied :class:`~kbitprep.Plan`.
-        seconds: wall time of the apply.
-        hooks_added: forward hooks added to the model (module name and hook name).
-        steps: the steps run, in order.
-    """
-
-    plan: Plan
-    seconds: float
-    hooks_added: tuple[str, ...]
-    steps: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "plan": self.plan.to_dict(params=False),
-            "seconds": self.seconds,
-            "hooks_added": list(self.hooks_added),
-            "steps": list(self.steps),
-        }
-
-    def __str__(self) -> str:
-        from ._render import render_report
-
-        return render_report(self)
-
-    def __repr__(self) -> str:
-        """One line: backend, model class, steps and time (``print(report)`` for the full text)."""
-        return (
-            f"<Report {self.plan.backend} for {self.plan.model_type.rsplit('.', 1)[-1]}: "
-            f"{len(self.steps)} steps in {self.seconds * 1000:.1f} ms, {len(self.hooks_added)} hooks added>"
-        )
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        """IPython / Jupyter text display: the report."""
-        printer.text(repr(self) if cycle else str(self))
-
-    def _repr_html_(self) -> str:
-        """Jupyter display: the applied plan's table and the steps."""
-        from ._html import report_html
-
-        return report_html(self)
 
 
 @dataclass

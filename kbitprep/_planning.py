@@ -2,248 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 import weakref
-from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._anatomy import anatomy, count_input_grad_hooks
-from ._fsdp import check_fsdp_dtypes, detect_fsdp, fsdp_choices
-from ._memory import MemoryChoice, memory_plan, preset_options, resolve_memory
+from ._anatomy import Anatomy, anatomy, count_input_grad_hooks
+from ._fsdp import FsdpSetting, check_fsdp_dtypes, detect_fsdp, fsdp_choices
+from ._memory import MemoryChoice, MemoryModes, memory_plan, preset_options, resolve_memory
 from ._peft_rules import peft_casts
+from ._plan_types import ParamPlan, Plan
 from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast, validate_checkpointing_kwargs
 from ._registry import Registry, Selection, default_registry
 from ._tensors import iter_unique_parameters, tensor_nbytes
 from .errors import BackendWarning, NoParametersError, NotAModuleError, PlanMismatchError
-from .plugin import HALF_DTYPES, CheckpointMode, Declarations, FixUp, class_path, is_plain_tensor
+from .plugin import HALF_DTYPES, CheckpointMode, Declarations, class_path, is_plain_tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParamPlan", "Plan", "build_plan", "check_plan_matches", "model_fingerprint"]
-
-
-@dataclass(frozen=True)
-class ParamPlan:
-    """What happens to one parameter, or to a buffer a backend declares quantized storage (tied
-    parameters appear once, with every name in ``aliases``)."""
-
-    name: str
-    aliases: tuple[str, ...]
-    module_type: str
-    shape: tuple[int, ...]
-    dtype_before: torch.dtype
-    dtype_after: torch.dtype
-    requires_grad_before: bool
-    requires_grad_after: bool
-    bytes_before: int
-    bytes_after: int
-    quantized: bool
-    adapter: bool = False
-
-    @property
-    def frozen(self) -> bool:
-        """Whether prepare turns ``requires_grad`` off."""
-        return self.requires_grad_before and not self.requires_grad_after
-
-    @property
-    def upcast(self) -> bool:
-        """Whether prepare casts it to another dtype."""
-        return self.dtype_before != self.dtype_after
-
-    @property
-    def byte_delta(self) -> int:
-        """Bytes added (positive) or saved (negative) by prepare."""
-        return self.bytes_after - self.bytes_before
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "name": self.name,
-            "aliases": list(self.aliases),
-            "module_type": self.module_type,
-            "shape": list(self.shape),
-            "dtype_before": str(self.dtype_before).removeprefix("torch."),
-            "dtype_after": str(self.dtype_after).removeprefix("torch."),
-            "requires_grad_before": self.requires_grad_before,
-            "requires_grad_after": self.requires_grad_after,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "quantized": self.quantized,
-            "adapter": self.adapter,
-        }
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What :func:`kbitprep.prepare` will do to one model. Building it changes nothing.
-
-    Print it for a readable table; :meth:`to_dict` gives JSON-ready data. Pass it to
-    ``prepare(model, plan=plan)`` to apply exactly this plan.
-    """
-
-    model_type: str
-    backend: str
-    backends: tuple[str, ...]
-    distributions: tuple[str, ...]
-    evidence: tuple[str, ...]
-    forced: bool
-    upcast_policy: str
-    params: tuple[ParamPlan, ...]
-    checkpointing: CheckpointMode
-    checkpointing_note: str
-    checkpointing_kwargs: Mapping[str, Any]
-    hooks: tuple[str, ...]
-    fixups: tuple[FixUp, ...]
-    notes: tuple[str, ...]
-    trainable: bool
-    not_trainable_reason: str
-    declarations: tuple[Declarations, ...] = field(repr=False, compare=False)
-    fingerprint: tuple[Any, ...] = field(repr=False, compare=False, default=())
-    #: The memory modes prepare installs (chunked head, offload: see ``kbitprep._memory``), or ``None``.
-    memory: Mapping[str, Any] | None = None
-    #: The FSDP setting and the dtypes it checked (see ``kbitprep._fsdp``), or ``None`` without FSDP.
-    fsdp: Mapping[str, Any] | None = None
-    #: Config objects (class names) whose ``use_cache`` prepare turns off: the top-level config and
-    #: sub-configs such as T5's decoder config or LLaVA's ``text_config``. Empty for the drop-in,
-    #: which leaves ``use_cache`` alone as PEFT does.
-    use_cache_off: tuple[str, ...] = ()
-    #: Backend warnings (:attr:`kbitprep.plugin.Declarations.warnings`), also raised as
-    #: :class:`~kbitprep.errors.BackendWarning` when the plan is made.
-    warnings: tuple[str, ...] = ()
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickling keeps everything but the model reference: an unpickled plan is for no model
-        (``prepare(model, plan=...)`` then raises :class:`~kbitprep.errors.PlanMismatchError`)."""
-        return {**self.__dict__, "fingerprint": ()}
-
-    @property
-    def extras(self) -> dict[str, Any]:
-        """``{"memory": ..., "fsdp": ...}`` for the parts that are set (the older spelling of both fields)."""
-        return {k: v for k, v in (("memory", self.memory), ("fsdp", self.fsdp)) if v is not None}
-
-    # ----------------------------------------------------------------- totals
-    @property
-    def to_freeze(self) -> tuple[ParamPlan, ...]:
-        """Parameters whose ``requires_grad`` prepare turns off."""
-        return tuple(p for p in self.params if p.frozen)
-
-    @property
-    def to_upcast(self) -> tuple[ParamPlan, ...]:
-        """Parameters prepare casts to fp32."""
-        return tuple(p for p in self.params if p.upcast)
-
-    @property
-    def quantized(self) -> tuple[ParamPlan, ...]:
-        """Parameters that hold quantized storage (never cast)."""
-        return tuple(p for p in self.params if p.quantized)
-
-    @property
-    def bytes_before(self) -> int:
-        """Parameter bytes before prepare (each tied parameter counted once)."""
-        return sum(p.bytes_before for p in self.params)
-
-    @property
-    def bytes_after(self) -> int:
-        """Parameter bytes after prepare."""
-        return sum(p.bytes_after for p in self.params)
-
-    @property
-    def byte_delta(self) -> int:
-        """Parameter bytes added by prepare (negative when saved)."""
-        return self.bytes_after - self.bytes_before
-
-    def by_module_type(self) -> dict[str, dict[str, int]]:
-        """Counts and bytes grouped by owning module class: params, frozen, upcast, bytes before/after."""
-        groups: dict[str, dict[str, int]] = defaultdict(
-            lambda: {"params": 0, "frozen": 0, "upcast": 0, "quantized": 0, "bytes_before": 0, "bytes_after": 0}
-        )
-        for p in self.params:
-            g = groups[p.module_type]
-            g["params"] += 1
-            g["frozen"] += int(p.frozen)
-            g["upcast"] += int(p.upcast)
-            g["quantized"] += int(p.quantized)
-            g["bytes_before"] += p.bytes_before
-            g["bytes_after"] += p.bytes_after
-        return dict(groups)
-
-    def to_dict(self, *, params: bool = True) -> dict[str, Any]:
-        """A JSON-ready dict (stable keys). ``params=False`` leaves the per-parameter list out."""
-        out: dict[str, Any] = {
-            "model_type": self.model_type,
-            "backend": self.backend,
-            "backends": list(self.backends),
-            "distributions": list(self.distributions),
-            "evidence": list(self.evidence),
-            "forced": self.forced,
-            "trainable": self.trainable,
-            "not_trainable_reason": self.not_trainable_reason,
-            "upcast_policy": self.upcast_policy,
-            "checkpointing": self.checkpointing.value,
-            "checkpointing_note": self.checkpointing_note,
-            "checkpointing_kwargs": dict(self.checkpointing_kwargs),
-            "hooks": list(self.hooks),
-            "fixups": [{"name": f.name, "description": f.description} for f in self.fixups],
-            "notes": list(self.notes),
-            "warnings": list(self.warnings),
-            "use_cache_off": list(self.use_cache_off),
-            "totals": {
-                "params": len(self.params),
-                "frozen": len(self.to_freeze),
-                "upcast": len(self.to_upcast),
-                "quantized": len(self.quantized),
-                "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after,
-                "byte_delta": self.byte_delta,
-            },
-            "by_module_type": self.by_module_type(),
-            "extras": {k: v for k, v in self.extras.items() if _jsonable(v)},
-        }
-        if params:
-            out["params"] = [p.to_dict() for p in self.params]
-        return out
-
-    def to_json(self, **kwargs: Any) -> str:
-        """:meth:`to_dict` as a JSON string."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False, **kwargs)
-
-    def __str__(self) -> str:
-        from ._render import render_plan
-
-        return render_plan(self)
-
-    def __repr__(self) -> str:
-        """One line: backend, model class, counts and the byte change (``print(plan)`` for the table)."""
-        return (
-            f"<Plan {self.backend} for {self.model_type.rsplit('.', 1)[-1]}: {len(self.params)} params, "
-            f"freeze {len(self.to_freeze)}, upcast {len(self.to_upcast)}, quantized {len(self.quantized)}, "
-            f"{self.byte_delta:+,} bytes, checkpointing {self.checkpointing.value}>"
-        )
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        """IPython / Jupyter text display: the plan table."""
-        printer.text(repr(self) if cycle else str(self))
-
-    def _repr_html_(self) -> str:
-        """Jupyter display: a compact HTML table."""
-        from ._html import plan_html
-
-        return plan_html(self)
-
-
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-    except (TypeError, ValueError):
-        return False
-    return True
+__all__ = ["ParamPlan", "Plan", "build_plan", "check_plan_matches", "model_fingerprint"]  # the steps: see build_plan
 
 
 # --------------------------------------------------------------------------- model facts
@@ -257,7 +40,8 @@ def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
     return (weakref.ref(model), tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
 
 
-def _merge(decls: list[Declarations]) -> Declarations:
+def merge_declarations(decls: list[Declarations]) -> Declarations:
+    """The declarations of several backends claiming one model, as one: what all of them allow."""
     if len(decls) == 1:
         return decls[0]
     modes = frozenset.intersection(*(d.checkpointing for d in decls))
@@ -284,6 +68,30 @@ def _merge(decls: list[Declarations]) -> Declarations:
     )
 
 
+@dataclass(frozen=True)
+class Choices:
+    """The upcast and checkpointing choices, resolved against the backend (and FSDP, and the memory preset)."""
+
+    policy_label: str
+    wants: Callable[[str, torch.Tensor, nn.Module], bool]
+    mode: CheckpointMode
+    mode_note: str
+    modes: MemoryModes | None  # None with peft_compat, which ignores memory=
+    fsdp_notes: tuple[str, ...]
+    fsdp_mode_note: str | None
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """The checkpointing the plan enables: mode, how it was chosen, its keywords, and notes."""
+
+    mode: CheckpointMode
+    note: str
+    kwargs: dict[str, Any]
+    keep_existing: bool
+    notes: tuple[str, ...]
+
+
 def build_plan(
     model: nn.Module,
     *,
@@ -306,6 +114,8 @@ def build_plan(
     modes (``kbitprep._memory``; carried in ``Plan.memory``); it is ignored with ``peft_compat``.
     ``fsdp`` (``None``: detect from accelerate's environment) applies the FSDP dtype policy of
     ``kbitprep._fsdp`` (carried in ``Plan.fsdp``); also ignored with ``peft_compat``.
+
+    Each step below is a function of its own; none changes the model.
     """
     if not isinstance(model, nn.Module):
         raise NotAModuleError(
@@ -320,32 +130,121 @@ def build_plan(
     reg = registry or default_registry()
     sel = selection or reg.select(model, backend, allow_mismatch=allow_mismatch)
     decls = [reg.declare(info, model, det) for info, det in sel.detections]
-    decl = _merge(decls)
+    decl = merge_declarations(decls)
     fsdp_setting = detect_fsdp(fsdp, model=model)
+    choices = resolve_choices(decl, fsdp_setting, upcast, checkpointing, memory, peft_compat=peft_compat)
+    body = anatomy(model)  # the model's parts, found once for the whole plan
+    ckpt = plan_checkpointing(model, body, choices, decl, checkpointing, checkpointing_kwargs, peft_compat=peft_compat)
+    params = plan_parameters(unique, decl, choices, body.adapters, peft_compat=peft_compat)
+    params += plan_quantized_buffers(model, decl)
+    require_something_to_train(model, unique, sel)
+    notes = [*decl.notes, *ckpt.notes, *mixed_precision_notes(params, choices.policy_label)]
+    fsdp_info: dict[str, Any] | None = None
+    if fsdp_setting.enabled:
+        fsdp_notes, fsdp_info = plan_fsdp(model, params, decls, fsdp_setting, choices, peft_compat=peft_compat)
+    hooks, hook_notes = plan_input_grads_hooks(body, ckpt, decl)
+    notes += hook_notes
+    memory_extras: dict[str, Any] = {}
+    if choices.modes is not None:
+        memory_extras, memory_notes = memory_plan(choices.modes, model, ckpt.mode)
+        notes += memory_notes
+    if fsdp_setting.enabled:
+        notes += fsdp_notes
+    if body.peft_wrapped:
+        notes.append("PEFT-wrapped model: adapter parameters keep their requires_grad; only the base is frozen")
+    use_cache_off = plan_use_cache_off(body, ckpt.mode, peft_compat=peft_compat)
+    if use_cache_off:
+        notes.append(f"use_cache turned off (no KV cache in training) on: {', '.join(use_cache_off)}")
+    backend_warnings = raise_backend_warnings(decls)
+    notes += [f"warning: {w}" for w in backend_warnings]
+    log.debug(
+        "plan for %s: backend %s, upcast %s (%d params), checkpointing %s (%s), %d notes",
+        type(model).__name__, sel.primary.name, choices.policy_label, sum(p.upcast for p in params), ckpt.mode.value,
+        ckpt.note, len(notes),
+    )  # fmt: skip
+    return Plan(
+        model_type=class_path(model),
+        backend=sel.primary.name,
+        backends=tuple(info.name for info, _ in sel.detections),
+        distributions=tuple(info.distribution for info, _ in sel.detections),
+        evidence=evidence_lines(sel),
+        forced=sel.forced,
+        upcast_policy=choices.policy_label,
+        params=tuple(params),
+        checkpointing=ckpt.mode,
+        checkpointing_note=ckpt.note,
+        checkpointing_kwargs=ckpt.kwargs,
+        hooks=tuple(hooks),
+        fixups=decl.fixups,
+        notes=tuple(notes),
+        trainable=decl.trainable,
+        not_trainable_reason=decl.not_trainable_reason,
+        declarations=tuple(decls),
+        fingerprint=model_fingerprint(model),
+        memory=memory_extras.get("memory"),
+        fsdp=fsdp_info,
+        use_cache_off=use_cache_off,
+        warnings=backend_warnings,
+    )
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def resolve_choices(
+    decl: Declarations,
+    fsdp_setting: FsdpSetting,
+    upcast: UpcastPolicy,
+    checkpointing: bool | str | CheckpointMode | None,
+    memory: MemoryChoice,
+    *,
+    peft_compat: bool,
+) -> Choices:
+    """The upcast policy and checkpointing mode: the caller's, adjusted for FSDP and the memory preset,
+    resolved against what the backend declares (or PEFT's rules with ``peft_compat``)."""
     fsdp_notes: list[str] = []
-    fsdp_ckpt_note: str | None = None
+    fsdp_mode_note: str | None = None
     if fsdp_setting.enabled and not peft_compat:
-        upcast, checkpointing, fsdp_notes, fsdp_ckpt_note = fsdp_choices(fsdp_setting, decl, upcast, checkpointing)
+        upcast, checkpointing, fsdp_notes, fsdp_mode_note = fsdp_choices(fsdp_setting, decl, upcast, checkpointing)
     elif fsdp_setting.enabled:
         fsdp_notes.append(
             f"FSDP detected ({fsdp_setting.source}) but the drop-in follows PEFT's rules (fp32 upcast), which FSDP1 "
             "cannot flatten; use kbitprep.prepare(model, fsdp=True)"
         )
-
     if peft_compat:
         policy_label = "peft" if upcast == "all" else "none"
-        peft_mode = CheckpointMode(checkpointing) if isinstance(checkpointing, str) else CheckpointMode.OFF
-        mode, mode_note = peft_mode, "PEFT's rule (prepare_model_for_kbit_training)"
+        mode = CheckpointMode(checkpointing) if isinstance(checkpointing, str) else CheckpointMode.OFF
         upcast_all = policy_label == "peft"
-        wants: Callable[[str, torch.Tensor, nn.Module], bool] = lambda n, p, m: upcast_all  # noqa: E731
-    else:
-        modes = resolve_memory(memory)
-        upcast, checkpointing = preset_options(modes, upcast, checkpointing, decl.checkpointing)
-        policy_label, wants = resolve_upcast(upcast, decl)
-        mode, mode_note = resolve_checkpointing(checkpointing, decl)
-        mode_note = fsdp_ckpt_note or mode_note
-    notes = list(decl.notes)
-    body = anatomy(model)  # the model's parts, found once for the whole plan
+        return Choices(
+            policy_label,
+            lambda n, p, m: upcast_all,
+            mode,
+            "PEFT's rule (prepare_model_for_kbit_training)",
+            None,
+            tuple(fsdp_notes),
+            fsdp_mode_note,
+        )
+    modes = resolve_memory(memory)
+    upcast, checkpointing = preset_options(modes, upcast, checkpointing, decl.checkpointing)
+    policy_label, wants = resolve_upcast(upcast, decl)
+    mode, mode_note = resolve_checkpointing(checkpointing, decl)
+    return Choices(policy_label, wants, mode, fsdp_mode_note or mode_note, modes, tuple(fsdp_notes), fsdp_mode_note)
+
+
+def plan_checkpointing(
+    model: nn.Module,
+    body: Anatomy,
+    choices: Choices,
+    decl: Declarations,
+    asked: bool | str | CheckpointMode | None,
+    checkpointing_kwargs: Mapping[str, Any] | None,
+    *,
+    peft_compat: bool,
+) -> Checkpointing:
+    """The checkpointing to enable, given the model's API and any checkpointing already on it: kept as
+    the user set it where they left the default, replaced (with a note) otherwise."""
+    notes: list[str] = []
+    mode, mode_note = choices.mode, choices.mode_note
     target = body.target
     if mode is not CheckpointMode.OFF and target is None:
         notes.append(f"{type(model).__name__} has no gradient_checkpointing_enable(); checkpointing stays off")
@@ -359,29 +258,52 @@ def build_plan(
         )
     elif existing is not None and not peft_compat:
         theirs = CheckpointMode.REENTRANT if existing.use_reentrant else CheckpointMode.NON_REENTRANT
-        left_default = checkpointing is None or checkpointing is True
-        if left_default and not checkpointing_kwargs and not fsdp_ckpt_note and theirs in decl.checkpointing:
+        left_default = asked is None or asked is True
+        if left_default and not checkpointing_kwargs and not choices.fsdp_mode_note and theirs in decl.checkpointing:
             keep_existing = True
             mode, mode_note = theirs, f"already enabled on the model ({existing.describe()}): kept"
+    kwargs: dict[str, Any] = dict(checkpointing_kwargs or {})
+    if existing is not None and mode is not CheckpointMode.OFF and not peft_compat:
+        kwargs = {**existing.kwargs, **kwargs}  # the user's other settings survive
+    if mode is not CheckpointMode.OFF:
+        kwargs["use_reentrant"] = mode is CheckpointMode.REENTRANT
+    if keep_existing and existing is not None:
+        kwargs = dict(existing.kwargs)  # kept exactly as the user set it: prepare leaves it alone
+    replacing = existing is not None and mode is not CheckpointMode.OFF and not keep_existing
+    if replacing and existing is not None and dict(existing.kwargs) != kwargs:
+        notes.append(
+            f"checkpointing already enabled on the model ({existing.describe()}) will be replaced by "
+            f"{', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))} ({mode_note}); "
+            "prepare warns (CheckpointingOverrideWarning)"
+        )
+    return Checkpointing(mode, mode_note, kwargs, keep_existing, tuple(notes))
 
-    adapters = body.adapters
+
+def plan_parameters(
+    unique: list[tuple[str, list[str], nn.Parameter, nn.Module]],
+    decl: Declarations,
+    choices: Choices,
+    adapters: AbstractSet[int],
+    *,
+    peft_compat: bool,
+) -> list[ParamPlan]:
+    """One :class:`ParamPlan` a parameter: frozen unless an adapter, cast to fp32 where eligible and wanted,
+    quantized storage never cast. With ``peft_compat``, PEFT's rule decides what is cast."""
     # PEFT casts every fp16/bf16 parameter it can (see _peft_rules.peft_casts), tensor subclasses included:
     # some subclasses cast (only their scales change), others raise. Try each subclass cast, as PEFT would.
     subclass_casts = _peft_subclass_casts(unique) if peft_compat else {}
     peft_would_crash = any(after is None for after in subclass_casts.values())
     params: list[ParamPlan] = []
-    any_float = False
     for name, aliases, p, owner in unique:
         quantized = any(a in decl.quantized for a in aliases)
         adapter = id(p) in adapters
         plain = is_plain_tensor(p)
-        any_float = any_float or (plain and p.dtype.is_floating_point)
         if peft_compat:  # PEFT's rule; where PEFT would crash, the backend's allow_upcast decides
             castable = plain or subclass_casts.get(id(p)) is not None
             eligible = (castable and not adapter and peft_casts(p)) and (decl.allow_upcast or not peft_would_crash)
         else:
             eligible = plain and not quantized and not adapter and p.dtype in HALF_DTYPES and decl.allow_upcast
-        dtype_after = torch.float32 if eligible and wants(name, p, owner) else p.dtype
+        dtype_after = torch.float32 if eligible and choices.wants(name, p, owner) else p.dtype
         before = tensor_nbytes(p)
         after = before if dtype_after == p.dtype else p.numel() * torch.empty((), dtype=dtype_after).element_size()
         if dtype_after != p.dtype and not plain:
@@ -402,16 +324,21 @@ def build_plan(
                 adapter=adapter,
             )
         )
-    # Buffers a backend declares quantized storage (GPTQ's int32 qweight, a library keeping its int8
-    # weights and scales in buffers) are counted too: protected, never frozen or cast.
+    return params
+
+
+def plan_quantized_buffers(model: nn.Module, decl: Declarations) -> list[ParamPlan]:
+    """Buffers a backend declares quantized storage (GPTQ's int32 qweight, a library keeping its int8
+    weights and scales in buffers), counted too: protected, never frozen or cast."""
     owners = dict(model.named_modules())
-    seen_buffers: set[int] = set()
+    seen: set[int] = set()
+    out: list[ParamPlan] = []
     for bname, buf in model.named_buffers():
-        if bname not in decl.quantized or id(buf) in seen_buffers:
+        if bname not in decl.quantized or id(buf) in seen:
             continue
-        seen_buffers.add(id(buf))
+        seen.add(id(buf))
         nbytes = tensor_nbytes(buf)
-        params.append(
+        out.append(
             ParamPlan(
                 name=bname,
                 aliases=(bname,),
@@ -426,116 +353,99 @@ def build_plan(
                 quantized=True,
             )
         )
+    return out
+
+
+def require_something_to_train(
+    model: nn.Module, unique: list[tuple[str, list[str], nn.Parameter, nn.Module]], sel: Selection
+) -> None:
+    """Raise :class:`~kbitprep.errors.NoParametersError` for a model with no plain floating-point
+    parameter and no quantized layer a backend recognises."""
+    any_float = any(is_plain_tensor(p) and p.dtype.is_floating_point for _, _, p, _ in unique)
     if not any_float and not any(det.modules for _, det in sel.detections):
         raise NoParametersError(
             f"{type(model).__name__} has no floating-point parameters and no quantized layers a backend "
             "recognises; there is nothing to train"
         )
+
+
+def mixed_precision_notes(params: list[ParamPlan], policy_label: str) -> list[str]:
+    """A note when the upcast leaves fp32 and half-precision layers side by side (train under autocast)."""
     upcast_mixed = any(p.upcast for p in params) and any(
         not p.upcast and not p.quantized and p.dtype_before in HALF_DTYPES for p in params
     )
-    if upcast_mixed:
-        notes.append(
-            f"upcast {policy_label!r} leaves fp32 and half-precision layers side by side: train under "
-            "torch.autocast (bf16/fp16 mixed precision), or fp32 outputs will meet half-precision weights"
-        )
-    fsdp_extras: dict[str, Any] = {}
-    if fsdp_setting.enabled and not peft_compat:
-        storage = next((d.sharded_storage for d in decls if d.sharded_storage is not None), None)
-        more, fsdp_extras = check_fsdp_dtypes(model, params, fsdp_setting, upcast_label=policy_label, storage=storage)
-        fsdp_notes.extend(more)
+    if not upcast_mixed:
+        return []
+    return [
+        f"upcast {policy_label!r} leaves fp32 and half-precision layers side by side: train under "
+        "torch.autocast (bf16/fp16 mixed precision), or fp32 outputs will meet half-precision weights"
+    ]
 
-    use_reentrant = mode is CheckpointMode.REENTRANT
-    ckpt_kwargs: dict[str, Any] = dict(checkpointing_kwargs or {})
-    if existing is not None and mode is not CheckpointMode.OFF and not peft_compat:
-        ckpt_kwargs = {**existing.kwargs, **ckpt_kwargs}  # the user's other settings survive
-    if mode is not CheckpointMode.OFF:
-        ckpt_kwargs["use_reentrant"] = use_reentrant
-    if keep_existing and existing is not None:
-        ckpt_kwargs = dict(existing.kwargs)  # kept exactly as the user set it: prepare leaves it alone
-    replacing = existing is not None and mode is not CheckpointMode.OFF and not keep_existing
-    if replacing and existing is not None and dict(existing.kwargs) != ckpt_kwargs:
-        notes.append(
-            f"checkpointing already enabled on the model ({existing.describe()}) will be replaced by "
-            f"{', '.join(f'{k}={v!r}' for k, v in sorted(ckpt_kwargs.items()))} ({mode_note}); "
-            "prepare warns (CheckpointingOverrideWarning)"
-        )
 
-    hooks: list[str] = []
-    if mode is not CheckpointMode.OFF:
-        emb = body.embeddings
-        emb_name = body.embeddings_name
-        if emb is not None and count_input_grad_hooks(emb):
-            hooks.append(f"input-require-grads hook on {emb_name}: already present, not added again")
-        elif (
-            emb is not None
-            and target is not None
-            and not keep_existing
-            and hasattr(type(target), "_activation_checkpointing_enable")
-            and (getattr(target, "main_input_name", "") == "input_ids")
-        ):
-            hooks.append(f"input-require-grads hook on {emb_name} (registered by transformers with checkpointing)")
-        elif emb is not None and use_reentrant and decl.input_grads_hook:
-            hooks.append(f"input-require-grads hook on {emb_name} (kbitprep)")
-        elif use_reentrant and decl.input_grads_hook:
-            notes.append("reentrant checkpointing without input embeddings: gradients may not reach adapters")
-
-    memory_extras: dict[str, Any] = {}
+def plan_fsdp(
+    model: nn.Module,
+    params: list[ParamPlan],
+    decls: list[Declarations],
+    setting: FsdpSetting,
+    choices: Choices,
+    *,
+    peft_compat: bool,
+) -> tuple[list[str], dict[str, Any]]:
+    """The FSDP notes and the plan's ``fsdp`` entry: the setting and the dtypes it checked."""
+    notes = list(choices.fsdp_notes)
+    extras: dict[str, Any] = {}
     if not peft_compat:
-        memory_extras, memory_notes = memory_plan(modes, model, mode)
-        notes.extend(memory_notes)
+        storage = next((d.sharded_storage for d in decls if d.sharded_storage is not None), None)
+        more, extras = check_fsdp_dtypes(model, params, setting, upcast_label=choices.policy_label, storage=storage)
+        notes.extend(more)
+    return notes, {**setting.to_dict(), **extras}
 
-    if fsdp_setting.enabled:
-        notes.extend(fsdp_notes)
-        fsdp_info: dict[str, Any] | None = {**fsdp_setting.to_dict(), **fsdp_extras}
-    else:
-        fsdp_info = None
 
-    if body.peft_wrapped:
-        notes.append("PEFT-wrapped model: adapter parameters keep their requires_grad; only the base is frozen")
+def plan_input_grads_hooks(body: Anatomy, ckpt: Checkpointing, decl: Declarations) -> tuple[list[str], list[str]]:
+    """The input-require-grads hook checkpointing needs (transformers', kbitprep's, or one already there),
+    and a note where reentrant checkpointing has no input embeddings to hook."""
+    hooks: list[str] = []
+    notes: list[str] = []
+    if ckpt.mode is CheckpointMode.OFF:
+        return hooks, notes
+    reentrant = ckpt.mode is CheckpointMode.REENTRANT
+    emb, emb_name, target = body.embeddings, body.embeddings_name, body.target
+    if emb is not None and count_input_grad_hooks(emb):
+        hooks.append(f"input-require-grads hook on {emb_name}: already present, not added again")
+    elif (
+        emb is not None
+        and target is not None
+        and not ckpt.keep_existing
+        and hasattr(type(target), "_activation_checkpointing_enable")
+        and (getattr(target, "main_input_name", "") == "input_ids")
+    ):
+        hooks.append(f"input-require-grads hook on {emb_name} (registered by transformers with checkpointing)")
+    elif emb is not None and reentrant and decl.input_grads_hook:
+        hooks.append(f"input-require-grads hook on {emb_name} (kbitprep)")
+    elif reentrant and decl.input_grads_hook:
+        notes.append("reentrant checkpointing without input embeddings: gradients may not reach adapters")
+    return hooks, notes
 
-    use_cache_off: tuple[str, ...] = ()
-    if mode is not CheckpointMode.OFF and not peft_compat:
-        use_cache_off = tuple(type(c).__name__ for c in body.configs if getattr(c, "use_cache", None))
-        if use_cache_off:
-            notes.append(f"use_cache turned off (no KV cache in training) on: {', '.join(use_cache_off)}")
-    backend_warnings = tuple(w for d in decls for w in d.warnings)
-    for w in backend_warnings:
-        warnings.warn(f"kbitprep: {w}", BackendWarning, stacklevel=3)
-    notes.extend(f"warning: {w}" for w in backend_warnings)
 
-    evidence = tuple(
-        (f"[{info.name}] {e}" if len(sel.detections) > 1 else e) for info, det in sel.detections for e in det.evidence
-    )
-    log.debug(
-        "plan for %s: backend %s, upcast %s (%d params), checkpointing %s (%s), %d notes",
-        type(model).__name__, sel.primary.name, policy_label, sum(p.upcast for p in params), mode.value, mode_note,
-        len(notes),
-    )  # fmt: skip
-    return Plan(
-        model_type=class_path(model),
-        backend=sel.primary.name,
-        backends=tuple(info.name for info, _ in sel.detections),
-        distributions=tuple(info.distribution for info, _ in sel.detections),
-        evidence=evidence,
-        forced=sel.forced,
-        upcast_policy=policy_label,
-        params=tuple(params),
-        checkpointing=mode,
-        checkpointing_note=mode_note,
-        checkpointing_kwargs=ckpt_kwargs,
-        hooks=tuple(hooks),
-        fixups=decl.fixups,
-        notes=tuple(notes),
-        trainable=decl.trainable,
-        not_trainable_reason=decl.not_trainable_reason,
-        declarations=tuple(decls),
-        fingerprint=model_fingerprint(model),
-        memory=memory_extras.get("memory"),
-        fsdp=fsdp_info,
-        use_cache_off=use_cache_off,
-        warnings=backend_warnings,
-    )
+def plan_use_cache_off(body: Anatomy, mode: CheckpointMode, *, peft_compat: bool) -> tuple[str, ...]:
+    """The configs (class names) whose ``use_cache`` prepare turns off: all with it on, when checkpointing."""
+    if mode is CheckpointMode.OFF or peft_compat:
+        return ()
+    return tuple(type(c).__name__ for c in body.configs if getattr(c, "use_cache", None))
+
+
+def raise_backend_warnings(decls: list[Declarations]) -> tuple[str, ...]:
+    """The backends' warnings, each raised as :class:`~kbitprep.errors.BackendWarning`."""
+    found = tuple(w for d in decls for w in d.warnings)
+    for w in found:
+        warnings.warn(f"kbitprep: {w}", BackendWarning, stacklevel=4)
+    return found
+
+
+def evidence_lines(sel: Selection) -> tuple[str, ...]:
+    """Each backend's evidence, prefixed by the backend's name when several backends claim the model."""
+    several = len(sel.detections) > 1
+    return tuple((f"[{info.name}] {e}" if several else e) for info, det in sel.detections for e in det.evidence)
 
 
 def _peft_subclass_casts(unique: list[tuple[str, list[str], nn.Parameter, nn.Module]]) -> dict[int, int | None]:

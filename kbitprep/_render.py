@@ -2,14 +2,101 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from ._mutation import Report
-    from ._planning import Plan
+__all__ = ["ParamView", "PlanView", "ReportView", "format_bytes", "render_plan", "render_report", "table"]
 
-__all__ = ["format_bytes", "render_plan", "render_report", "table"]
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+
+
+class _Mode(Protocol):
+    @property
+    def value(self) -> str: ...
+
+
+class ParamView(Protocol):
+    """What the renderers read of one parameter's plan (:class:`kbitprep.ParamPlan` has it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def module_type(self) -> str: ...
+    @property
+    def dtype_before(self) -> Any: ...
+    @property
+    def dtype_after(self) -> Any: ...
+
+
+class PlanView(Protocol):
+    """What the renderers read of a plan (:class:`kbitprep.Plan` has it). The renderers depend on this
+    shape only, so the plan's types import them for their displays without an import cycle."""
+
+    @property
+    def model_type(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def backends(self) -> Sequence[str]: ...
+    @property
+    def distributions(self) -> Sequence[str]: ...
+    @property
+    def evidence(self) -> Sequence[str]: ...
+    @property
+    def forced(self) -> bool: ...
+    @property
+    def trainable(self) -> bool: ...
+    @property
+    def not_trainable_reason(self) -> str: ...
+    @property
+    def upcast_policy(self) -> str: ...
+    @property
+    def checkpointing(self) -> _Mode: ...
+    @property
+    def checkpointing_note(self) -> str: ...
+    @property
+    def checkpointing_kwargs(self) -> Mapping[str, Any]: ...
+    @property
+    def hooks(self) -> Sequence[str]: ...
+    @property
+    def fixups(self) -> Sequence[_Named]: ...
+    @property
+    def notes(self) -> Sequence[str]: ...
+    @property
+    def extras(self) -> Mapping[str, Any]: ...
+    @property
+    def params(self) -> Sequence[ParamView]: ...
+    @property
+    def quantized(self) -> Sequence[ParamView]: ...
+    @property
+    def to_freeze(self) -> Sequence[ParamView]: ...
+    @property
+    def to_upcast(self) -> Sequence[ParamView]: ...
+    @property
+    def bytes_before(self) -> int: ...
+    @property
+    def bytes_after(self) -> int: ...
+    @property
+    def byte_delta(self) -> int: ...
+    def by_module_type(self) -> dict[str, dict[str, int]]: ...
+
+
+class ReportView(Protocol):
+    """What the renderers read of a report (:class:`kbitprep.Report` has it)."""
+
+    @property
+    def plan(self) -> PlanView: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def steps(self) -> Sequence[str]: ...
+    @property
+    def hooks_added(self) -> Sequence[str]: ...
 
 
 def format_bytes(n: float) -> str:
@@ -35,7 +122,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Se
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
 
 
-def render_plan(plan: Plan) -> str:
+def render_plan(plan: PlanView) -> str:
     """The plan as a readable block of text."""
     head = f"kbitprep plan for {plan.model_type}"
     lines = [head, "=" * len(head)]
@@ -98,7 +185,7 @@ def render_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def render_report(report: Report) -> str:
+def render_report(report: ReportView) -> str:
     """A report as text: the plan, then what was done."""
     lines = [render_plan(report.plan), "", f"applied in {report.seconds * 1000:.1f} ms:"]
     lines += [f"  - {s}" for s in report.steps]

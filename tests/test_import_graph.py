@@ -1,5 +1,6 @@
-"""The core is one-way: no import cycle inside ``kbitprep``, and the core never imports the
-application layer (``kbitprep.app``: CLI, demo, config planning front end, text reports)."""
+"""The core is one-way: no import cycle inside ``kbitprep``, counting every import (module level, in
+functions, and under ``TYPE_CHECKING``), and the core never imports the application layer
+(``kbitprep.app``: CLI, demo, config planning front end, text reports)."""
 
 from __future__ import annotations
 
@@ -24,16 +25,19 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _runtime_imports(path: Path) -> set[str]:
-    """kbitprep modules ``path`` imports at run time (module level or in functions), not type-only ones."""
+def _imports(path: Path, *, type_checking: bool = True) -> set[str]:
+    """kbitprep modules ``path`` imports: at module level, in functions and (unless ``type_checking`` is
+    false) under ``if TYPE_CHECKING:``."""
     here = _module_name(path)
     package = here.rsplit(".", 1)[0] if "." in here and path.name != "__init__.py" else here
     if path.name != "__init__.py" and "." not in here:
         package = ""
+    if path.name == "__init__.py" and here == "__init__":
+        package = ""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test) and not type_checking:
             for child in node.orelse:
                 visit(child)
             return
@@ -60,9 +64,10 @@ def _runtime_imports(path: Path) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the kbitprep modules it imports at run time (names relative to the package)."""
-    graph = {_module_name(p): _runtime_imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+def import_graph(*, type_checking: bool = True) -> dict[str, set[str]]:
+    """Module -> the kbitprep modules it imports (names relative to the package), type-only imports included
+    unless ``type_checking`` is false."""
+    graph = {_module_name(p): _imports(p, type_checking=type_checking) for p in sorted(PACKAGE.rglob("*.py"))}
     modules = set(graph)
     # ``from . import errors`` inside __init__ names the module; keep only edges to real modules
     return {m: {d for d in deps if d in modules} for m, deps in graph.items()}
@@ -109,7 +114,7 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_graph_sees_function_level_imports_and_skips_type_checking(tmp_path: Path) -> None:
+def test_graph_sees_function_level_and_type_checking_imports(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
     src.write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ._planning import Plan\n"
@@ -119,9 +124,30 @@ def test_graph_sees_function_level_imports_and_skips_type_checking(tmp_path: Pat
     saved = PACKAGE
     PACKAGE = tmp_path
     try:
-        assert _runtime_imports(src) == {"_render"}
+        assert _imports(src) == {"_render", "_planning"}
+        assert _imports(src, type_checking=False) == {"_render"}
     finally:
         PACKAGE = saved
+
+
+def test_the_plan_types_sit_below_the_planner_the_mutation_site_and_their_readers() -> None:
+    """Renderers, the FSDP check and the memory modes read plans without importing the planner or the
+    mutation site; the types module imports neither them nor the renderers' readers."""
+    graph = import_graph()
+
+    def reaches(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for dep in graph.get(todo.pop(), ()):
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return seen
+
+    for reader in ("_render", "_html", "_fsdp", "_memory", "_memory.forward", "_memory.planning"):
+        assert not reaches(reader) & {"_planning", "_mutation", "_api"}, reader
+    assert not reaches("_plan_types") & {"_planning", "_mutation", "_memory", "_fsdp", "_api"}
 
 
 def print_graph() -> str:

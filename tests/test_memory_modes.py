@@ -377,7 +377,7 @@ def test_offload_on_cuda_survives_delayed_copies_and_lowers_peak(
 ) -> None:  # pragma: no cover - GPU only
     """Several steps with the copy stream delayed and the compute stream backlogged: the results match
     the run without offload only if every stream wait and record_stream is in place."""
-    from kbitprep import _memory
+    from kbitprep._memory import offload as offload_module
 
     layers, steps = 4, 4
     results = {}
@@ -386,7 +386,9 @@ def test_offload_on_cuda_survives_delayed_copies_and_lowers_peak(
         kbitprep.prepare(model, memory=memory, checkpointing="reentrant")
         _unfreeze_some(model)
         if memory == "offload":
-            monkeypatch.setattr(_memory, "_BEFORE_COPY", lambda kind, stream: torch.cuda._sleep(COPY_DELAY_CYCLES))
+            monkeypatch.setattr(
+                offload_module, "_BEFORE_COPY", lambda kind, stream: torch.cuda._sleep(COPY_DELAY_CYCLES)
+            )
         results[memory] = _cuda_run(model, steps, delay=memory == "offload")
         if memory == "offload":
             stats = memory_modes(model)

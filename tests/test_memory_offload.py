@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from kbitprep import _memory
-from kbitprep._memory import OffloadHooks, _state_of, chunked_causal_lm_loss, memory_modes
+from kbitprep._memory import OffloadHooks, chunked_causal_lm_loss, memory_modes, state_of
 from kbitprep.errors import InvalidPolicyError, KbitprepWarning, UnsupportedModelError
 
 from .state import model_state
@@ -35,13 +34,13 @@ def _layer_input_bytes(model: nn.Module) -> int:
 def copies(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
     """Every copy to host memory the offload hooks make: (storage address, byte offset, bytes)."""
     made: list[tuple[int, int, int]] = []
-    real = _memory._copy_to_host
+    real = OffloadHooks.copy_to_host
 
-    def counting(src: torch.Tensor) -> Any:
+    def counting(self: OffloadHooks, src: torch.Tensor) -> Any:
         made.append((src.untyped_storage().data_ptr(), src.storage_offset(), src.numel()))
-        return real(src)
+        return real(self, src)
 
-    monkeypatch.setattr(_memory, "_copy_to_host", counting)
+    monkeypatch.setattr(OffloadHooks, "copy_to_host", counting)
     return made
 
 
@@ -64,7 +63,7 @@ def _prepared(memory: object = "offload", checkpointing: str = "reentrant", **kw
     model = tiny_llama(torch.float32)
     kbitprep.prepare(model, memory=memory, checkpointing=checkpointing)  # type: ignore[arg-type]
     _unfreeze_some(model)
-    state = _state_of(model)
+    state = state_of(model)
     assert state is not None
     state.offloader = OffloadHooks(**kw)  # type: ignore[arg-type]
     return model
@@ -333,7 +332,7 @@ def test_lowest_with_copies_on_a_bnb_model_with_lora_under_autocast(copies: list
         )
         kbitprep.prepare(model, memory=memory)
         if memory == "lowest":
-            state = _state_of(model)
+            state = state_of(model)
             assert state is not None
             state.offloader = OffloadHooks(min_bytes=2 * SEQ * 64 * 2, force_copy=True)  # bf16 layer inputs
         torch.manual_seed(0)

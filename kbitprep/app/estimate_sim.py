@@ -310,18 +310,6 @@ class _SimSaveOnCpu:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
-def _fake_offload_hooks() -> Any:
-    """kbitprep's ``OffloadHooks`` with ``force_copy`` (fake CPU tensors stand for CUDA ones), taking a
-    fake tensor wherever it takes a plain one."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    from .._memory import OffloadHooks
-
-    hooks = OffloadHooks(force_copy=True)
-    hooks.plain_types = (torch.Tensor, FakeTensor)
-    return hooks
-
-
 class _HostBytes:
     """Stands for a host copy: not a tensor, so it is not counted as device memory."""
 
@@ -329,29 +317,27 @@ class _HostBytes:
         self.n = n
 
 
-@contextlib.contextmanager
-def _simulated_offload_copies() -> Iterator[None]:
-    """kbitprep's real offload session with its two copy functions simulated: the copy to the host
-    frees nothing by itself and allocates nothing on the device; the copy back allocates the span on
-    the device once, kept while its saved tensors unpack (as on CUDA)."""
-    from .. import _memory
+def _fake_offload_hooks() -> Any:
+    """kbitprep's real ``OffloadHooks`` with ``force_copy`` (fake CPU tensors stand for CUDA ones), taking a
+    fake tensor wherever it takes a plain one, with its two copies simulated (through the hooks' own
+    override points, so an offload run elsewhere in the process keeps its real copies): the copy to
+    the host frees nothing by itself and allocates nothing on the device; the copy back allocates the
+    span on the device once, kept while its saved tensors unpack (as on CUDA)."""
+    from torch._subclasses.fake_tensor import FakeTensor
 
-    def copy_to_host(src: torch.Tensor) -> tuple[Any, Any]:
-        return _HostBytes(src.numel() * src.element_size()), None
+    from .._memory import OffloadHooks
 
-    def to_device(span: Any) -> torch.Tensor:
-        if span.cached is None:
-            span.cached = torch.empty(span.hi - span.lo, dtype=torch.uint8, device=span.device)
-        cached: torch.Tensor = span.cached
-        return cached
+    class SimulatedCopies(OffloadHooks):
+        def copy_to_host(self, src: torch.Tensor) -> tuple[Any, Any]:
+            return _HostBytes(src.numel() * src.element_size()), None
 
-    saved = (_memory._copy_to_host, _memory._to_device)
-    _memory._copy_to_host = copy_to_host  # type: ignore[assignment]
-    _memory._to_device = to_device
-    try:
-        yield
-    finally:
-        _memory._copy_to_host, _memory._to_device = saved
+        def copy_to_device(self, span: Any) -> torch.Tensor:
+            if span.cached is None:
+                span.cached = torch.empty(span.hi - span.lo, dtype=torch.uint8, device=span.device)
+            cached: torch.Tensor = span.cached
+            return cached
+
+    return SimulatedCopies(force_copy=True, plain_types=(torch.Tensor, FakeTensor))
 
 
 # --------------------------------------------------------------------------- building the fake model
@@ -532,7 +518,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
     import peft
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .._memory import _state_of, apply_memory_modes
+    from .._memory import apply_memory_modes, state_of
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     mode.cache_enabled = False  # the op cache's hashing costs more than it saves on one step
@@ -557,7 +543,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
     offload: Any = None
     if setup.memory:
         apply_memory_modes(model, _PlanLike(setup.memory))  # type: ignore[arg-type]
-        state = _state_of(model)
+        state = state_of(model)
         if state is not None and state.offload:
             offload = _SimSaveOnCpu() if setup.offload_impl == "save_on_cpu" else _fake_offload_hooks()
             state.offloader = offload
@@ -599,8 +585,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
                     tracker.register(v, "adapters")
         tracker.register(ids, "weights")
         tracker.register(labels, "weights")
-        copies = _simulated_offload_copies() if offload is not None else contextlib.nullcontext()
-        with mode, tracker, tracker.saved_hooks(), _simulation_patches(setup.target), copies, warnings.catch_warnings():
+        with mode, tracker, tracker.saved_hooks(), _simulation_patches(setup.target), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(setup.steps):
                 with torch.autocast("cpu", dtype=setup.dtype, enabled=setup.autocast):
@@ -625,7 +610,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
 
     tracker = tracked_steps()
     notes: tuple[str, ...] = ()
-    state = _state_of(pmodel)
+    state = state_of(pmodel)
     if state is not None and state.head_fallback:
         # the chunked head gave up during the step (and computed the logits twice): the next steps
         # run with full logits from the start, so those are the steady state
