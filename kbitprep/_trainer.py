@@ -133,6 +133,10 @@ def training_arguments_for(model: nn.Module, args: A) -> A:
     that supports no checkpointing turns it off (with a warning), and a mode the backend does not
     support warns.
 
+    When kbitprep's offload is installed (``memory="offload"`` / ``"lowest"``), TRL's
+    ``activation_offloading`` is turned off in the copy (with a warning): one offload runs, kbitprep's.
+    Without the copy, kbitprep's offload steps aside at run time for TRL's (see :func:`kbitprep.memory_modes`).
+
     Under FSDP (``args.fsdp``) on a model prepared without kbitprep's FSDP policy it warns.
 
     Args:
@@ -219,6 +223,18 @@ def training_arguments_for(model: nn.Module, args: A) -> A:
                 CheckpointingConflictWarning,
                 stacklevel=2,
             )
+
+    memory = plan.memory if isinstance(plan.memory, Mapping) else {}
+    if memory.get("offload") and getattr(args, "activation_offloading", False):
+        new.activation_offloading = False  # type: ignore[attr-defined]
+        warnings.warn(
+            "kbitprep: the training arguments ask for TRL's activation_offloading, and kbitprep's offload is "
+            "installed (memory=...); two offloads at once would copy the same tensors twice, so "
+            "activation_offloading is turned off in the returned arguments and kbitprep's offload runs. To run "
+            "TRL's instead: kbitprep.set_memory_modes(model, offload=False)",
+            CheckpointingConflictWarning,
+            stacklevel=2,
+        )
 
     fsdp_info = plan.fsdp
     if _uses_fsdp(args) and not (isinstance(fsdp_info, Mapping) and fsdp_info.get("enabled")):

@@ -1,8 +1,12 @@
-"""The chunked output head's loss: transformers' causal-LM loss computed a chunk of tokens at a time."""
+"""The chunked output head's loss: transformers' causal-LM loss computed a chunk of tokens at a time,
+with the transform a family applies between its head and the loss (soft-capping, scaling), and the
+per-token statistics TRL's fused head returns."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +15,78 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import InvalidPolicyError
 from .options import DEFAULT_CHUNK_TOKENS
 
-__all__ = ["chunked_causal_lm_loss"]
+__all__ = ["TOKEN_STATS", "HeadTransform", "chunked_causal_lm_loss", "chunked_token_stats", "head_transform"]
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a causal LM's forward does to its head's output before the loss, in the order it does it:
+    multiply by ``multiplier`` (Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``), divide
+    by ``divisor`` (Granite's ``logits_scaling``), then soft-cap (Gemma 2/3's
+    ``final_logit_softcapping``: ``cap * tanh(x / cap)``). The identity for most families.
+    """
+
+    multiplier: float = 1.0
+    divisor: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        """Whether the head's output is the logits as they are."""
+        return self.multiplier == 1.0 and self.divisor == 1.0 and self.softcap is None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the transform with the same operations, in the same order and dtype, as transformers."""
+        if self.multiplier != 1.0:
+            logits = logits * self.multiplier
+        if self.divisor != 1.0:
+            logits = logits / self.divisor
+        if self.softcap is not None:
+            logits = logits / self.softcap
+            logits = torch.tanh(logits)
+            logits = logits * self.softcap
+        return logits
+
+    def describe(self) -> str:
+        """``"logits x 0.0625"``, ``"soft-capped at 30.0"``...; empty for the identity."""
+        parts = []
+        if self.multiplier != 1.0:
+            parts.append(f"logits x {self.multiplier:g}")
+        if self.divisor != 1.0:
+            parts.append(f"logits / {self.divisor:g}")
+        if self.softcap is not None:
+            parts.append(f"soft-capped at {self.softcap:g}")
+        return ", ".join(parts)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def head_transform(config: Any) -> HeadTransform:
+    """The :class:`HeadTransform` a causal LM with this config applies between its head and its loss.
+
+    Reads the keys transformers' forwards (and TRL's fused head) read: ``final_logit_softcapping``,
+    ``logit_scale`` / ``output_multiplier`` and ``lm_head_multiplier`` (multiplied), ``logits_scaling``
+    (divided; multiplied for HyperCLOVA X). Nested text configs (``get_text_config()``) count.
+    """
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    values: Mapping[str, Any] = {} if text is None else vars(text)
+    softcap = _number(values.get("final_logit_softcapping"))
+    multiplier = 1.0
+    for key in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        found = _number(values.get(key))
+        if found is not None:
+            multiplier = found
+            break
+    divisor = 1.0
+    scaling = _number(values.get("logits_scaling"))
+    if scaling is not None and multiplier == 1.0:
+        if values.get("model_type") == "hyperclovax":
+            multiplier = scaling
+        else:
+            divisor = scaling
+    return HeadTransform(multiplier=multiplier, divisor=divisor, softcap=softcap)
 
 
 def chunked_causal_lm_loss(
@@ -23,6 +98,7 @@ def chunked_causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
+    transform: HeadTransform | None = None,
 ) -> torch.Tensor:
     """transformers' ``ForCausalLMLoss(head(hidden), labels, ...)``, computed ``chunk_tokens`` tokens at a time.
 
@@ -40,6 +116,7 @@ def chunked_causal_lm_loss(
             (what transformers' Trainer passes under gradient accumulation).
         ignore_index: the label value that does not count.
         shift_labels: labels already shifted (transformers' ``shift_labels`` keyword).
+        transform: what the model does to the head's output before the loss (soft-capping, scaling).
 
     Returns:
         The scalar fp32 loss (NaN when no token counts and ``num_items_in_batch`` is not given, as
@@ -60,7 +137,8 @@ def chunked_causal_lm_loss(
     total = flat_h[:0].sum().float()  # 0, but part of the graph, so backward works with nothing counted
 
     def chunk_loss(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
-        logits = head(hc).float()
+        out = head(hc)
+        logits = (transform(out) if transform is not None else out).float()
         # the head may compute on another device than the hidden states (accelerate's device_map hooks):
         # labels go where the logits are, as in transformers' loss
         return F.cross_entropy(logits, yc.to(logits.device), ignore_index=ignore_index, reduction="sum")
@@ -75,3 +153,76 @@ def chunked_causal_lm_loss(
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch
     return total / keep.numel() if keep.numel() else total / 0.0
+
+
+#: The per-token statistics :func:`chunked_token_stats` can compute (TRL's ``FusedCausalLMOutput`` fields).
+TOKEN_STATS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def chunked_token_stats(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    transform: HeadTransform | None = None,
+    temperature: float = 1.0,
+    outputs: tuple[str, ...] = ("log_probs",),
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    fp32_head: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-token statistics of ``head(hidden)`` against ``targets``, ``chunk_tokens`` tokens at a time.
+
+    What TRL's fused head (``model(..., fused_lm_head=True)``) computes, with at most one chunk's
+    logits alive at a time, in the forward and (recomputed inside a non-reentrant checkpoint) in the
+    backward: ``log_probs`` (of each target under the temperature-scaled distribution) and
+    ``entropy`` carry gradients; ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1`` (the target is
+    the first most likely token) do not.
+
+    Args:
+        hidden: ``(n, hidden)`` states of the counted positions.
+        targets: ``(n,)`` token ids.
+        head: the output projection.
+        transform: what the model does to the head's output first (soft-capping, scaling).
+        temperature: the logits are divided by it.
+        outputs: which of :data:`TOKEN_STATS` to return (``log_probs`` always).
+        chunk_tokens: tokens per chunk.
+        fp32_head: run the projection in fp32 outside autocast (TRL's ``cast_lm_head_to_fp32``).
+
+    Returns:
+        ``{name: (n,) tensor}`` for ``log_probs`` and each requested statistic.
+    """
+    if chunk_tokens <= 0:
+        raise InvalidPolicyError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    wanted = ("log_probs", *(k for k in TOKEN_STATS[1:] if k in outputs))
+    with_entropy = "entropy" in wanted
+
+    def chunk_stats(hc: torch.Tensor, yc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if fp32_head:
+            with torch.autocast(hc.device.type, enabled=False):
+                out = head(hc.float())
+        else:
+            out = head(hc)
+        z = (transform(out) if transform is not None else out).float() / temperature
+        log_p = F.log_softmax(z, dim=-1)
+        y = yc.to(z.device)
+        lp = log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        found = [lp]
+        if with_entropy:
+            found.append(-(log_p.exp() * log_p).sum(-1))
+        with torch.no_grad():
+            if "log_sum_sq_probs" in wanted:
+                found.append(torch.logsumexp(2 * log_p, dim=-1))
+            if "mean_logits" in wanted:
+                found.append(z.mean(-1))
+            if "is_top1" in wanted:
+                found.append(z.argmax(-1) == y)
+        return tuple(found)
+
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        hc, yc = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        parts.append(checkpoint(chunk_stats, hc, yc, use_reentrant=False))
+    if not parts:  # nothing counted: empty results, still part of the graph
+        empty = hidden[:0].sum(-1).float()
+        return {k: (empty.bool() if k == "is_top1" else empty) for k in wanted}
+    return {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(wanted)}

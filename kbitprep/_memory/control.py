@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InvalidPolicyError, NotPreparedError
-from .forward import state_of
+from .forward import HEAD_CALLS, state_of
 
 __all__ = ["full_logits", "memory_modes", "set_memory_modes"]
 
@@ -25,6 +25,13 @@ def memory_modes(model: nn.Module) -> dict[str, Any]:
     ``kept`` (left on the device because the backward needs them first), ``host_bytes`` /
     ``peak_host_bytes`` (pinned host memory the copies hold now / at most). ``chunked_head_fallback``
     says why the chunked head was given up, if it was.
+
+    Which code ran: ``head_calls`` counts training calls by the head that served them (``chunked``:
+    kbitprep's chunked loss; ``fused_kbitprep`` / ``fused_trl``: TRL's ``fused_lm_head=True`` calls
+    served by kbitprep's chunked head or by TRL's own); ``offload_by`` is ``"kbitprep"`` when kbitprep's
+    offload ran in the last forward, or the other mechanism it stepped aside for (TRL's
+    ``activation_offloading``, transformers' ``offload=True`` checkpointing), ``""`` before any forward;
+    ``head_transform`` what the chunked head applies between the head and the loss (soft-capping, scaling).
     """
     state = state_of(model)
     out: dict[str, Any] = {
@@ -34,6 +41,9 @@ def memory_modes(model: nn.Module) -> dict[str, Any]:
     for name in _COUNTERS:
         out[name] = int(getattr(state.offloader, name, 0)) if state else 0
     out["chunked_head_fallback"] = state.head_fallback if state else ""
+    out["head_calls"] = dict(state.head_calls) if state else dict.fromkeys(HEAD_CALLS, 0)
+    out["offload_by"] = state.offload_by if state else ""
+    out["head_transform"] = state.transform.describe() if state else ""
     return out
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .options import OFFLOAD_MIN_BYTES
 
-__all__ = ["OffloadHooks", "current_session"]
+__all__ = ["OffloadHooks", "current_session", "other_offload"]
 
 
 _SIDE_STREAMS: dict[tuple[int, str], Any] = {}
@@ -340,6 +340,11 @@ class OffloadHooks:
         (see :func:`_to_device`); a subclass may override it, as :meth:`copy_to_host`."""
         return _to_device(span)
 
+    def other_offload(self, module: nn.Module) -> str:
+        """Another offload running around ``module``'s forward (see :func:`other_offload`), for which these
+        hooks step aside; a subclass may override it (the memory estimate's hooks run inside its own tracker)."""
+        return other_offload(module)
+
     def _eligible(self, t: torch.Tensor) -> bool:
         if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
             return False
@@ -370,3 +375,41 @@ class OffloadHooks:
         finally:
             _SESSION.reset(token)
             session.close()
+
+
+def _describe_hook(pack: Any) -> str:
+    owner = getattr(pack, "__self__", None)
+    if owner is not None and type(owner).__name__ == "OffloadActivations":
+        return "TRL's activation offloading (activation_offloading=True)"
+    name = getattr(pack, "__qualname__", "") or type(pack).__name__
+    module = getattr(pack, "__module__", "") or ""
+    if name.startswith("save_on_cpu."):
+        return "torch.autograd.graph.save_on_cpu"
+    return f"saved_tensors_hooks of {module}.{name}".strip(".")
+
+
+def _transformers_offload(module: nn.Module) -> bool:
+    """Whether transformers' ``activation_checkpointing_enable(offload=True)`` wraps the layers' checkpoint."""
+    for mod in module.modules():
+        func = vars(mod).get("_gradient_checkpointing_func")
+        inner = getattr(func, "func", func)
+        if "_activation_checkpointing_enable.<locals>.checkpoint_func" in getattr(inner, "__qualname__", ""):
+            return True
+    return False
+
+
+def other_offload(module: nn.Module) -> str:
+    """Another mechanism that keeps saved tensors elsewhere while ``module`` runs, or ``""``.
+
+    Looked up at each forward: saved-tensor hooks already active around the call (TRL's
+    ``activation_offloading=True``, a user's ``save_on_cpu``) or transformers' offloading checkpoint
+    function (``activation_checkpointing_enable(..., offload=True)``, also through ``Trainer``'s
+    ``activation_checkpointing_kwargs={"offload": True}``). kbitprep's offload steps aside for it:
+    two offloads at once would copy the same tensors twice or fight over what stays.
+    """
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if top is not None:
+        return _describe_hook(top[0])
+    if _transformers_offload(module):
+        return "transformers' activation_checkpointing_enable(offload=True)"
+    return ""

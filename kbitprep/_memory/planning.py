@@ -10,9 +10,10 @@ from torch import nn
 
 from ..errors import InvalidPolicyError
 from ..plugin import CheckpointMode
+from .chunked_loss import head_transform
 from .options import MemoryModes
 
-__all__ = ["causal_lm", "memory_plan", "output_head"]
+__all__ = ["backbone", "causal_lm", "memory_plan", "output_head"]
 
 
 def _is_causal_lm_loss(fn: Any) -> bool:
@@ -65,11 +66,26 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
 
 
 def _forward_target(model: nn.Module) -> nn.Module:
-    """The module whose forward the offload context wraps: the transformers model, else the root."""
+    """The transformers model inside ``model`` (also under a PEFT wrapper), else the root."""
     for mod in model.modules():
         if hasattr(type(mod), "gradient_checkpointing_enable") or hasattr(type(mod), "activation_checkpointing_enable"):
             return mod
     return model
+
+
+def backbone(module: nn.Module) -> nn.Module:
+    """The module whose forward the offload context wraps: the transformers backbone of ``module``
+    (``module.base_model``, what TRL's fused head calls directly), else ``module`` itself."""
+    base = getattr(module, "base_model", None)
+    if isinstance(base, nn.Module) and base is not module and any(m is base for m in module.children()):
+        return base
+    return module
+
+
+def _trl_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
 
 
 def memory_plan(
@@ -109,14 +125,25 @@ def memory_plan(
             head = output_head(lm)
             assert head is not None
             head_name = _module_name(model, head)
+            transform = head_transform(lm.config).describe() if hasattr(lm, "config") else ""
             notes.append(
                 f"memory: trained with labels, {type(lm).__name__} computes {head_name} and the loss in "
                 f"{chunk}-token chunks and returns logits=None"
+                + (f" (the head's output {transform}, as its forward does)" if transform else "")
             )
+            if _trl_installed():
+                notes.append(
+                    "memory: TRL's trainers call the model with fused_lm_head=True: on CPU kbitprep's chunked head "
+                    "serves those calls (per-token log-probs, entropy and TRL's other statistics, in "
+                    f"{chunk}-token chunks); on CUDA TRL's own fused head does (its Triton kernel); "
+                    "kbitprep.memory_modes(model)['head_calls'] counts which head ran"
+                )
     target = lm if chunk else _forward_target(model)
     target_name = lm_name if chunk else _module_name(model, target)
+    base = backbone(target)
+    base_name = _module_name(model, base) if base is not target else ""
     if offload:
-        if not head_name:
+        if not head_name and base is target:
             out_head = output_head(target)
             head_name = _module_name(model, out_head) if out_head is not None else ""
         devices = {p.device.type for p in model.parameters()}
@@ -129,10 +156,18 @@ def memory_plan(
         # With reentrant and non-reentrant checkpointing alike the offload hooks see each checkpointed
         # layer's inputs (torch >= 2.4 saves the non-reentrant inputs through the active saved-tensor hooks):
         # offload moves the same tensors either way (test_offload_moves_the_same_tensors_with_either_checkpointing).
+        where = f"in {base_name}'s forward (also under TRL's fused head, which calls it directly)" if base_name else ""
+        first = (
+            f"(from {head_name} on, and the tensor saved just before)"
+            if head_name and not base_name
+            else "(the last tensor saved)"
+        )
         notes.append(
-            "memory: offload copies each saved storage once; what the backward needs first "
-            + (f"(from {head_name} on, and the tensor saved just before)" if head_name else "(the last tensor saved)")
-            + " stays on the device"
+            "memory: offload copies each saved storage once"
+            + (f" {where}" if where else "")
+            + f"; what the backward needs first {first} stays on the device; it steps aside while another "
+            "offload runs (TRL's activation_offloading, transformers' activation_checkpointing_enable(offload=True), "
+            "an outer saved_tensors_hooks)"
         )
     if not (chunk or offload):
         return {"memory": {"preset": modes.preset, "chunked_head": 0, "offload": False}}, notes
@@ -142,6 +177,7 @@ def memory_plan(
         "offload": offload,
         "module": target_name,
         "head": head_name,
+        "backbone": base_name if offload else "",
     }
     return {"memory": spec}, notes
 
