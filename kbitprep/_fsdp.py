@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import FsdpWarning, InvalidPolicyError, UnsupportedModelError
-from .plugin import CheckpointMode, Declarations, ShardedStorage
+from .plugin import CheckpointMode, Declarations, ShardedStorage, module_index
 
 if TYPE_CHECKING:
     from ._plan_types import ParamPlan
@@ -111,7 +111,7 @@ def _env_version(env: Mapping[str, str]) -> int | None:
 
 
 def _wrapped_by_fsdp(model: nn.Module) -> int | None:
-    for mod in model.modules():
+    for mod in module_index(model).values():  # the plan's index: no walk of its own
         for base in type(mod).__mro__:
             if base.__qualname__ == "FullyShardedDataParallel":
                 return 1

@@ -25,7 +25,7 @@ from .errors import (
     PluginWarning,
     UnknownBackendError,
 )
-from .plugin import Backend, Declarations, Detection, missing_packages
+from .plugin import Backend, Declarations, Detection, _module_index_scope, missing_packages
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ __all__ = [
     "Registry",
     "Selection",
     "default_registry",
+    "module_index_scope",
     "strict_from_env",
     "strict_mode",
 ]
@@ -57,6 +58,18 @@ def strict_mode(strict: bool | None) -> Iterator[None]:
         yield
     finally:
         _strict_override.reset(token)
+
+
+def module_index_scope(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Within the block, every detector and declaration of ``model`` shares one
+    :class:`~kbitprep.plugin.ModuleIndex`, built by the first :func:`~kbitprep.plugin.module_index`
+    call and dropped at the end of the block (the next block walks the model afresh).
+
+    :meth:`Registry.select` and :meth:`Registry.declare` open one each; a planner that wraps both in
+    one block walks the model's module tree once for all of its backends. Context-local, like
+    :func:`strict_mode`: threads never share an index.
+    """
+    return _module_index_scope(model)
 
 
 def strict_from_env() -> bool:
@@ -407,7 +420,8 @@ class Registry:
         return found
 
     def declare(self, info: BackendInfo, model: nn.Module, detection: Detection) -> Declarations:
-        """Ask a backend for its declarations and check them.
+        """Ask a backend for its declarations and check them (``declare`` reads the model's
+        :class:`~kbitprep.plugin.ModuleIndex` of the enclosing :func:`module_index_scope`, or one of its own).
 
         Raises:
             PluginContractError: ``declare()`` raised, returned something else than
@@ -415,7 +429,8 @@ class Registry:
         """
         cause: Exception | None = None
         try:
-            decl = info.backend.declare(model, detection)
+            with module_index_scope(model):
+                decl = info.backend.declare(model, detection)
         except Exception as exc:
             decl, cause, reason = None, exc, f"failed in declare(): {type(exc).__name__}: {exc}"
         if cause is None and not isinstance(decl, Declarations):
@@ -436,12 +451,19 @@ class Registry:
         the highest-priority backend whose detector fires leads; backends of lower priority that claim
         other modules of the same model join it, so a model mixing libraries gets the rules of both.
 
+        The detectors share one :class:`~kbitprep.plugin.ModuleIndex` of the model (see
+        :func:`module_index_scope`): one walk of its module tree for all of them.
+
         Raises:
             UnknownBackendError: ``backend`` names no registered backend.
             BackendUnavailableError: the named backend's packages are missing.
             BackendMismatchError: the named backend does not recognise the model.
             BackendConflictError: two backends of equal priority claim the same model.
         """
+        with module_index_scope(model):
+            return self._select(model, backend, allow_mismatch=allow_mismatch)
+
+    def _select(self, model: nn.Module, backend: str | None, *, allow_mismatch: bool) -> Selection:
         if self.strict and self.failures():
             raise PluginLoadError(
                 "kbitprep plugins failed (strict mode): " + "; ".join(str(f) for f in self.failures())

@@ -26,11 +26,14 @@ A minimal plugin::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +47,7 @@ __all__ = [
     "Declarations",
     "Detection",
     "FixUp",
+    "ModuleIndex",
     "Scheme",
     "ShardedStorage",
     "class_path",
@@ -52,6 +56,7 @@ __all__ = [
     "hf_quantizer",
     "is_plain_tensor",
     "missing_packages",
+    "module_index",
     "quant_method",
     "quantization_setting",
     "quantized_tensor_names",
@@ -384,15 +389,130 @@ def _class_matches(cls: type, wanted: Iterable[str | type]) -> bool:
     return False
 
 
+class ModuleIndex(Mapping[str, nn.Module]):
+    """The modules of one model by qualified name and by class, from one walk of its module tree.
+
+    A read-only mapping ``{qualified name: module}`` in the order of ``model.named_modules()``
+    (the root is ``""``; a module reachable under several names appears once, under the first),
+    so ``dict(model.named_modules())`` and ``model.named_modules()`` translate to ``index`` and
+    ``index.items()``. Get the one for a model with :func:`module_index`, which hands every detector
+    and declaration of one plan the same index instead of each walking the model again.
+
+    The index is what the model looked like when it was built; it does not follow later changes
+    (detectors and declarations must not change the model, so within one plan it cannot go stale).
+
+    >>> from torch import nn
+    >>> index = ModuleIndex(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))
+    >>> list(index)
+    ['', '0', '1', '2']
+    >>> index.find("torch.nn.Linear")
+    ['0', '2']
+    >>> index.classes[nn.Linear]
+    ('0', '2')
+
+    Args:
+        model: the root module; walked once, here.
+    """
+
+    __slots__ = ("_classes", "_modules", "root")
+
+    def __init__(self, model: nn.Module) -> None:
+        #: the model the index was built from
+        self.root = model
+        self._modules: dict[str, nn.Module] = dict(model.named_modules())
+        classes: dict[type[nn.Module], list[str]] = {}
+        for name, mod in self._modules.items():
+            classes.setdefault(type(mod), []).append(name)
+        self._classes: Mapping[type[nn.Module], tuple[str, ...]] = MappingProxyType(
+            {cls: tuple(names) for cls, names in classes.items()}
+        )
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self._modules[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __repr__(self) -> str:
+        return f"<ModuleIndex of {type(self.root).__name__}: {len(self)} modules, {len(self._classes)} classes>"
+
+    @property
+    def classes(self) -> Mapping[type[nn.Module], tuple[str, ...]]:
+        """Qualified names by exact module class (a class's modules in walk order), read-only."""
+        return self._classes
+
+    def find(self, *classes: str | type) -> list[str]:
+        """Qualified names of the modules whose class (or a base class) matches one of ``classes``,
+        in walk order; the matching rules are :func:`find_modules`'. Each distinct class of the model
+        is matched once, not each module."""
+        matched = {cls for cls in self._classes if _class_matches(cls, classes)}
+        return [name for name, mod in self._modules.items() if type(mod) in matched]
+
+
+@dataclass
+class _IndexScope:
+    """The model whose plan is being made, and its index once a detector asked for it."""
+
+    model: nn.Module
+    index: ModuleIndex | None = None
+
+
+#: The scope of the plan being made in this context (thread, task); ``None`` outside one.
+_current_scope: contextvars.ContextVar[_IndexScope | None] = contextvars.ContextVar(
+    "kbitprep_module_index", default=None
+)
+
+
+@contextlib.contextmanager
+def _module_index_scope(model: nn.Module) -> Iterator[None]:
+    """Within the block, :func:`module_index` of ``model`` builds its index once (on first use) and
+    hands the same one back; it is dropped when the block ends, so the next block walks afresh.
+
+    The registry opens one around detection and around declaration, and the planner around both.
+    A block for the model of an enclosing block shares that block's index (no second walk). The
+    scope is a context variable: each thread (and asyncio task) has its own.
+    """
+    outer = _current_scope.get()
+    if outer is not None and outer.model is model:
+        yield
+        return
+    token = _current_scope.set(_IndexScope(model))
+    try:
+        yield
+    finally:
+        _current_scope.reset(token)
+
+
+def module_index(model: nn.Module) -> ModuleIndex:
+    """The :class:`ModuleIndex` of ``model``: built once per plan and shared by every detector and
+    declaration of that plan, or, outside a plan (a test calling ``detect`` directly), built now.
+
+    Use it wherever a detector or ``declare`` would walk ``model.named_modules()``:
+    :func:`find_modules`, :func:`detect_layers` and :func:`quantized_tensor_names` already do, so a
+    plugin built on them walks the model no more. An index built inside a plan is never reused by
+    another plan, or by another thread: a model changed between two plans gets a fresh one.
+    """
+    scope = _current_scope.get()
+    if scope is None or scope.model is not model:
+        return ModuleIndex(model)
+    if scope.index is None:
+        scope.index = ModuleIndex(model)
+    return scope.index
+
+
 def find_modules(model: nn.Module, *classes: str | type) -> list[str]:
     """Qualified names of the submodules whose class (or a base class) matches one of ``classes``.
 
     A class may be given as a type or as a string, either a bare class name (``"QLinear"``), a
     full path (``"optimum.quanto.nn.qlinear.QLinear"``) or a dotted suffix of one
     (``"quanto.nn.qlinear.QLinear"``). Strings let a detector look for a library's classes
-    without importing the library. The root module is reported as ``""``.
+    without importing the library. The root module is reported as ``""``. Reads the plan's
+    :func:`module_index` rather than walking the model again.
     """
-    return [name for name, mod in model.named_modules() if _class_matches(type(mod), classes)]
+    return module_index(model).find(*classes)
 
 
 def detect_layers(
@@ -416,13 +536,14 @@ def detect_layers(
     method matched or one of ``flags`` is set (a model loaded with the library's config whose layers
     were not converted, or a flag the library sets itself, like hqq's ``hqq_quantized``: the backend
     then claims it so its declarations can say so). Without ``claim_without_layers`` a flag alone
-    never claims a model: it may be stale.
+    never claims a model: it may be stale. Reads the plan's :func:`module_index`.
     """
+    index = module_index(model)
     if layers is None:
-        matched = [(n, m) for n, m in model.named_modules() if _class_matches(type(m), classes)]
+        matched = [(n, index[n]) for n in index.find(*classes)]
     else:
         wanted = set(layers)
-        matched = [(n, m) for n, m in model.named_modules() if n in wanted]
+        matched = [(n, m) for n, m in index.items() if n in wanted]
     names = [n for n, _ in matched]
     label = describe or class_path
     counts: dict[str, int] = {}
@@ -465,9 +586,10 @@ def quantized_tensor_names(
     By default a tensor counts as quantized storage when it is not a plain tensor
     (:func:`is_plain_tensor`) or its dtype is not a float dtype (``uint8``, ``int8``, ``int32``,
     fp8 ...). Pass ``include(local_name, tensor)`` to add more (for example fp16 scales).
+    Reads the plan's :func:`module_index`.
     """
     found: set[str] = set()
-    mods = dict(model.named_modules())
+    mods = module_index(model)
     for mname in modules:
         mod = mods[mname]
         prefix = f"{mname}." if mname else ""

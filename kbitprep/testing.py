@@ -29,6 +29,7 @@ imports it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -36,7 +37,9 @@ import subprocess
 import sys
 import unittest
 import warnings
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -50,7 +53,15 @@ from ._tensors import storage_digest
 from .errors import AlreadyPreparedWarning, NotTrainableError
 from .plugin import Backend, CheckpointMode, Declarations, Detection, FixUp, Scheme, missing_packages
 
-__all__ = ["BackendContract", "contract_problems", "model_state", "tiny_causal_lm", "tiny_llama_config"]
+__all__ = [
+    "BackendContract",
+    "ModuleWalks",
+    "contract_problems",
+    "count_module_walks",
+    "model_state",
+    "tiny_causal_lm",
+    "tiny_llama_config",
+]
 
 _SIMPLE = (bool, int, float, str, type(None))
 _INSTANCES: dict[type, Backend] = {}
@@ -126,6 +137,95 @@ def model_state(model: nn.Module) -> dict[str, Any]:
         )
     cfg = getattr(model, "config", None)
     return {"params": params, "buffers": buffers, "modules": modules, "use_cache": getattr(cfg, "use_cache", None)}
+
+
+#: Frames of these modules are torch's own walking machinery (``modules()``, ``named_parameters()`` ...):
+#: a walk is attributed to the first frame outside them.
+_WALK_MACHINERY = ("torch.nn.modules.", "contextlib")
+
+
+@dataclass
+class ModuleWalks:
+    """The walks of one model's module tree that :func:`count_module_walks` counted, by caller.
+
+    A walk is one call of the model's ``named_modules``, directly or through ``modules()``,
+    ``named_parameters()``, ``parameters()``, ``named_buffers()``, ``buffers()`` ... (torch builds
+    each of those on ``named_modules``).
+
+    Attributes:
+        callers: walks by caller: ``"module:function <- module:function <- module:function"``, the
+            innermost three frames outside torch's module machinery, innermost first.
+    """
+
+    callers: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        """Every walk counted."""
+        return sum(self.callers.values())
+
+    def count(self, *modules: str) -> int:
+        """The walks whose innermost caller is in one of ``modules`` (a module name or a package prefix,
+        e.g. ``"kbitprep_plugins"`` for the built-in plugins, ``"kbitprep.plugin"`` for the contract's helpers)."""
+        return sum(
+            n
+            for caller, n in self.callers.items()
+            if any(caller.split(":", 1)[0] == m or caller.startswith(m + ".") for m in modules)
+        )
+
+    def __str__(self) -> str:
+        lines = [f"{self.total} walks of the module tree"]
+        lines += [f"{n:4d}  {caller}" for caller, n in self.callers.most_common()]
+        return "\n".join(lines)
+
+
+def _caller(depth: int = 3) -> str:
+    frames: list[str] = []
+    frame = sys._getframe(2)  # the caller of the counting wrapper
+    while frame is not None and len(frames) < depth:
+        module = str(frame.f_globals.get("__name__", "?"))
+        nested = module == __name__ and frame.f_code.co_name == "counting"  # an enclosing count's wrapper
+        if not module.startswith(_WALK_MACHINERY) and not nested:
+            code = frame.f_code
+            frames.append(f"{module}:{getattr(code, 'co_qualname', code.co_name)}")
+        frame = frame.f_back  # type: ignore[assignment]
+    return " <- ".join(frames)
+
+
+@contextlib.contextmanager
+def count_module_walks(model: nn.Module) -> Iterator[ModuleWalks]:
+    """Count the walks of ``model``'s module tree made inside the block (see :class:`ModuleWalks`).
+
+    Calls on ``model`` itself are counted, from any thread, not those on its submodules (a walk of
+    the root recurses into them). For the block, ``named_modules`` is shadowed by a counting wrapper
+    on the instance (``vars(model)`` shows it); it is removed when the block ends.
+
+    Example:
+        >>> import torch, kbitprep
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=torch.bfloat16))
+        >>> with count_module_walks(model) as walks:
+        ...     _ = list(model.parameters())
+        >>> walks.total
+        1
+    """
+    walks = ModuleWalks()
+    had = "named_modules" in vars(model)
+    previous = vars(model).get("named_modules")
+    # an enclosing count's wrapper, else the class's method
+    walk: Any = previous if had else functools.partial(type(model).named_modules, model)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        walks.callers[_caller()] += 1
+        return walk(*args, **kwargs)
+
+    object.__setattr__(model, "named_modules", counting)
+    try:
+        yield walks
+    finally:
+        if had:
+            object.__setattr__(model, "named_modules", previous)
+        else:
+            object.__delattr__(model, "named_modules")
 
 
 def tiny_causal_lm(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:

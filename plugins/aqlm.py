@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kbitprep.plugin import Backend, Declarations, Detection, detect_layers, quantized_tensor_names
+from kbitprep.plugin import Backend, Declarations, Detection, detect_layers, module_index, quantized_tensor_names
 
 #: AQLM's quantized linear layer (transformers swaps it in for ``AqlmConfig`` checkpoints).
 AQLM_LAYER = "aqlm.inference.QuantizedLinear"
@@ -22,7 +22,7 @@ def view_returning_layers(model: nn.Module, modules: tuple[str, ...]) -> list[st
     output to it in place (``result += output``): autograd forbids that, so the first training
     forward fails. It also accepts only float32 inputs and codebooks.
     """
-    by_name = dict(model.named_modules())
+    by_name = module_index(model)
     found = []
     for name in modules:
         codebooks = by_name[name].codebooks

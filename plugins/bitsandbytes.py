@@ -19,6 +19,7 @@ from kbitprep.plugin import (
     ShardedStorage,
     class_path,
     hf_quantizer,
+    module_index,
     quantization_setting,
     quantized_tensor_names,
 )
@@ -117,14 +118,14 @@ def _holders(model: nn.Module, param_class: str) -> list[str]:
     """Modules holding a parameter of ``param_class`` (a class name) directly."""
     return [
         name
-        for name, mod in model.named_modules()
+        for name, mod in module_index(model).items()
         if any(type(p).__name__ == param_class for p in mod.parameters(recurse=False))
     ]
 
 
 def _detect(model: nn.Module, param_class: str, quantizer_class: str, flag: str) -> Detection | None:
     modules = _holders(model, param_class)
-    mods = dict(model.named_modules())
+    mods = module_index(model)
     evidence = [
         f"{n} x {c} with {param_class} weights" for c, n in Counter(class_path(mods[m]) for m in modules).items()
     ]
@@ -151,7 +152,7 @@ def _nothing_converted(model: nn.Module, kind: str, layer_class: str) -> tuple[s
             head = getter()
         except (NotImplementedError, AttributeError):
             head = None
-    linears = Counter(class_path(m) for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    linears = Counter(class_path(m) for m in module_index(model).values() if isinstance(m, nn.Linear) and m is not head)
     found = ", ".join(f"{n} x {c}" for c, n in sorted(linears.items(), key=lambda kv: (-kv[1], kv[0])))
     return (
         f"this model was loaded with a bitsandbytes {kind} quantization config, but transformers converted no "
@@ -191,9 +192,10 @@ def _warnings(model: nn.Module, detection: Detection, kind: str, layer_class: st
 def _unconverted_experts(model: nn.Module) -> tuple[str, ...]:
     """A note when fused expert weights (3-D parameters, as in Mixtral / Qwen MoE) stay in full precision:
     transformers' bitsandbytes integration converts ``nn.Linear`` layers only."""
+    modules = module_index(model).values()
     fused = [
         p
-        for m in model.modules()
+        for m in modules
         if not isinstance(m, nn.modules.conv._ConvNd)  # convolution kernels are 3-D+ too, and not experts
         for p in m.parameters(recurse=False)
         if p.dim() >= 3 and p.dtype.is_floating_point
@@ -201,7 +203,8 @@ def _unconverted_experts(model: nn.Module) -> tuple[str, ...]:
     if not fused:
         return ()
     fused_bytes = sum(p.numel() * p.element_size() for p in fused)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    every = {id(p): p for m in modules for p in m.parameters(recurse=False)}  # tied parameters once
+    total = sum(p.numel() * p.element_size() for p in every.values())
     return (
         f"{len(fused)} fused expert weights (3-D parameters, {100 * fused_bytes / max(total, 1):.0f}% of the "
         "loaded bytes) stay in full precision: transformers' bitsandbytes integration converts nn.Linear layers "
@@ -268,7 +271,7 @@ class Bnb4bitBackend(Backend):
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Quantized ``Params4bit`` storage, no default upcast, both checkpointing modes, CPU unpack fix-up."""
         claimed = set(detection.modules)
-        named = [(n, m) for n, m in model.named_modules() if n in claimed]
+        named = [(n, m) for n, m in module_index(model).items() if n in claimed]
         mods = [m for _, m in named]
         packed = sum(len(_packed(m)) for m in mods)
         repacks = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in mods)
@@ -315,7 +318,7 @@ class Bnb8bitBackend(Backend):
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         """Quantized ``Int8Params`` storage, no default upcast, both checkpointing modes."""
-        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+        bf16 = any(p.dtype == torch.bfloat16 for m in module_index(model).values() for p in m.parameters(recurse=False))
         notes: tuple[str, ...] = (
             (
                 "Linear8bitLt casts bf16 inputs to fp16 (bitsandbytes warns; only CPU training skips the cast); "

@@ -7,7 +7,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from kbitprep.plugin import Backend, Declarations, Detection, FixUp, class_path, hf_quantizer, quantized_tensor_names
+from kbitprep.plugin import (
+    Backend,
+    Declarations,
+    Detection,
+    FixUp,
+    class_path,
+    hf_quantizer,
+    module_index,
+    quantized_tensor_names,
+)
 
 #: The class of the ``quantization_scheme`` compressed-tensors attaches to each quantized layer.
 SCHEME_CLASS = "QuantizationScheme"
@@ -19,7 +28,7 @@ _FLOAT_QPARAMS = ("_scale", "_global_scale")
 def _layers(model: nn.Module) -> list[str]:
     return [
         name
-        for name, mod in model.named_modules()
+        for name, mod in module_index(model).items()
         if (scheme := getattr(mod, "quantization_scheme", None)) is not None
         and type(scheme).__name__ == SCHEME_CLASS
         and type(scheme).__module__.startswith("compressed_tensors")
@@ -39,7 +48,7 @@ def quantizer_answer(quantizer: Any, attr: str) -> bool | None:
 
 
 def _needs_weight_placeholder(model: nn.Module, layers: list[str]) -> list[str]:
-    mods = dict(model.named_modules())
+    mods = module_index(model)
     return [name for name in layers if not hasattr(mods[name], "weight") and hasattr(mods[name], "weight_packed")]
 
 
@@ -94,7 +103,7 @@ class CompressedTensorsBackend(Backend):
         layers = _layers(model)
         if not layers:
             return None
-        mods = dict(model.named_modules())
+        mods = module_index(model)
         fmts = {getattr(mods[n].quantization_scheme, "format", None) for n in layers}
         formats = sorted(str(getattr(f, "value", f) or "?") for f in fmts)
         evidence = [f"{len(layers)} modules with a compressed_tensors QuantizationScheme (format {', '.join(formats)})"]

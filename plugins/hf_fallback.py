@@ -16,6 +16,7 @@ from kbitprep.plugin import (
     Detection,
     class_path,
     hf_quantizer,
+    module_index,
     quant_method,
     quantized_tensor_names,
 )
@@ -35,7 +36,7 @@ def _ask(quantizer: Any, attr: str) -> bool | None:
 
 def _swapped_in(model: nn.Module) -> list[str]:
     """Modules transformers' quantizers swap in (classes from ``transformers.integrations``)."""
-    return [n for n, m in model.named_modules() if type(m).__module__.startswith("transformers.integrations.")]
+    return [n for n, m in module_index(model).items() if type(m).__module__.startswith("transformers.integrations.")]
 
 
 class HfQuantizerFallbackBackend(Backend):
@@ -55,7 +56,7 @@ class HfQuantizerFallbackBackend(Backend):
         q = hf_quantizer(model)
         if q is None:
             return None
-        mods = dict(model.named_modules())
+        mods = module_index(model)
         evidence = [f"hf_quantizer: {type(q).__name__} (quant_method {quant_method(model)!r})"]
         evidence += [f"{n} x {c}" for c, n in Counter(class_path(mods[m]) for m in _swapped_in(model)).items()]
         return Detection(evidence=tuple(evidence))
@@ -78,7 +79,7 @@ class HfQuantizerFallbackBackend(Backend):
             )
         swapped = _swapped_in(model)
         return Declarations(
-            quantized=quantized_tensor_names(model, [n for n, _ in model.named_modules()])
+            quantized=quantized_tensor_names(model, list(module_index(model)))
             | quantized_tensor_names(model, swapped, include=lambda name, t: True),
             allow_upcast=False,
             upcast_note=f"kbitprep does not know which dtypes {method!r} layers accept",

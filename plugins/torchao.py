@@ -15,6 +15,7 @@ from kbitprep.plugin import (
     Detection,
     Scheme,
     hf_quantizer,
+    module_index,
     quant_method,
     quantized_tensor_names,
 )
@@ -33,7 +34,7 @@ _ALWAYS_QUANTIZES_ACTIVATIONS = {"IntxOpaqueTensor"}
 def _torchao_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Module name -> the torchao tensor subclass it holds directly."""
     found = {}
-    for name, mod in model.named_modules():
+    for name, mod in module_index(model).items():
         for p in mod.parameters(recurse=False):
             cls = type(p.data)
             if cls.__module__.split(".")[0] == "torchao":

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kbitprep.plugin import Backend, Declarations, Detection, Scheme, class_path, hf_quantizer, quantized_tensor_names
+from kbitprep.plugin import (
+    Backend,
+    Declarations,
+    Detection,
+    Scheme,
+    class_path,
+    hf_quantizer,
+    module_index,
+    quantized_tensor_names,
+)
 
 #: No quantization: every weight in the model's float dtype.
 NONE = Scheme(
@@ -31,7 +40,8 @@ class UnquantizedBackend(Backend):
     def detect(self, model: nn.Module) -> Detection | None:
         if getattr(model, "is_quantized", False) or hf_quantizer(model) is not None:
             return None
-        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        params = (p for m in module_index(model).values() for p in m.parameters(recurse=False))
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
         return Detection(evidence=(f"no quantizer on {class_path(model)}; parameter dtypes: {', '.join(dtypes)}",))
 
     def schemes(self) -> tuple[Scheme, ...]:
@@ -40,7 +50,7 @@ class UnquantizedBackend(Backend):
 
     def declare(self, model: nn.Module, detection: Detection) -> Declarations:
         # Anything that is not a plain float tensor is storage we do not understand: protect it.
-        odd = quantized_tensor_names(model, [name for name, _ in model.named_modules()])
+        odd = quantized_tensor_names(model, list(module_index(model)))
         notes = (f"{len(odd)} non-float or tensor-subclass tensors are left untouched",) if odd else ()
         return Declarations(quantized=odd, default_upcast="none", notes=notes, warnings=_looks_quantized(model))
 
@@ -53,7 +63,7 @@ _PACKED_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
 def _looks_quantized(model: nn.Module) -> tuple[str, ...]:
     """A warning when modules hold integer matrices (packed weights) that no backend claimed."""
     classes: dict[str, int] = {}
-    for _, mod in model.named_modules():
+    for mod in module_index(model).values():
         tensors = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
         if any(t.dtype in _PACKED_DTYPES and t.dim() >= 2 and min(t.shape) > 1 for t in tensors):
             path = class_path(mod)

@@ -15,8 +15,9 @@ import pytest
 from torch import nn
 
 import kbitprep
+from kbitprep._registry import module_index_scope
 from kbitprep.plugin import Backend, missing_packages
-from kbitprep.testing import BackendContract
+from kbitprep.testing import BackendContract, count_module_walks
 
 from .case import BackendCase
 from .registry_of_cases import all_cases
@@ -59,6 +60,21 @@ class _BuiltinContract(BackendContract):
             return None  # it claims plain models by design
         return super().make_other_model()
 
+    def test_detectors_and_declarations_walk_the_model_once(self) -> None:
+        """Built-ins only (a third-party plugin may walk for itself): inside one index scope, every
+        installed detector and the chosen backends' declarations read the model's one ModuleIndex."""
+        backend = self.require_available()
+        model = self.make_model()
+        reg = kbitprep.default_registry()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with count_module_walks(model) as walks, module_index_scope(model):
+                sel = reg.select(model)
+                for info, det in sel.detections:
+                    reg.declare(info, model, det)
+        assert sel.primary.name == backend.name
+        assert walks.count("kbitprep_plugins", "kbitprep.plugin", "kbitprep._registry") <= 1, str(walks)
+
 
 def _class_name(case: BackendCase) -> str:
     return "TestContract_" + re.sub(r"\W", "_", case.id)
@@ -74,6 +90,7 @@ PER_BACKEND = (
     "test_prepare_and_undo_are_exact",
     "test_gradients_flow_after_prepare",
     "test_schemes_are_well_formed",
+    "test_detectors_and_declarations_walk_the_model_once",
 )
 
 _seen: set[str] = set()
