@@ -1,5 +1,6 @@
-"""Facts about a model's anatomy that planning and mutation both read: its config objects and the
-checkpointing a user may already have enabled on it."""
+"""Facts about a model's anatomy that planning and mutation both read: its config objects, the
+checkpointing a user may already have enabled on it, and its checkpointed stacks (where each one's
+input comes from)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,20 @@ from torch import nn
 __all__ = [
     "Anatomy",
     "ExistingCheckpointing",
+    "Stack",
     "anatomy",
     "checkpointing_target",
     "count_input_grad_hooks",
+    "count_layer_input_hooks",
     "existing_checkpointing",
     "input_embeddings",
+    "is_checkpointed_layer",
     "model_configs",
     "output_head",
 ]
+
+#: Marks the hooks kbitprep registers to make a module's output (or a layer's input) require grad.
+INPUT_GRADS_MARK = "_kbitprep_input_grads"
 
 
 def _is_config(obj: Any) -> bool:
@@ -135,8 +142,102 @@ def count_input_grad_hooks(emb: nn.Module | None) -> int:
         1
         for h in emb._forward_hooks.values()
         if getattr(h, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad")
-        or getattr(h, "_kbitprep_input_grads", False)
+        or getattr(h, INPUT_GRADS_MARK, False)
     )
+
+
+def count_layer_input_hooks(layer: nn.Module) -> int:
+    """How many of kbitprep's input-require-grads forward pre-hooks a checkpointed layer carries."""
+    return sum(1 for h in layer._forward_pre_hooks.values() if getattr(h, INPUT_GRADS_MARK, False))
+
+
+def is_checkpointed_layer(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a layer transformers checkpoints (a ``GradientCheckpointingLayer``, transformers
+    5.x), found by class name so that transformers is not imported."""
+    return any(c.__name__ == "GradientCheckpointingLayer" for c in type(mod).__mro__)
+
+
+def _is_transformers_model(mod: nn.Module) -> bool:
+    return any(c.__name__ == "PreTrainedModel" for c in type(mod).__mro__)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A run of checkpointed layers held by one container (``model.encoder.layers``).
+
+    With reentrant checkpointing the parameters inside these layers (LoRA adapters included) get
+    gradients only when the input of the stack requires grad: the input-require-grads hook on the
+    token embeddings does that for the stacks they feed, not for a speech encoder or a vision tower.
+
+    Attributes:
+        name: qualified name of the container.
+        layers: ``(qualified name, layer)`` of each outermost checkpointed layer in it, in order.
+        owner: qualified name of the enclosing sub-model (the nearest module with
+            ``get_input_embeddings``: ``model.encoder``, ``model.vision_tower``), or ``None``.
+        main_input: the owner's ``main_input_name`` (``"input_features"``, ``"pixel_values"``), or ``""``.
+        embeddings: the owner's input embeddings (the module its inputs enter through: the Whisper
+            encoder's ``conv1``, a vision tower's patch embedding), or ``None``.
+        embeddings_name: their qualified name, ``""`` without them.
+    """
+
+    name: str
+    layers: tuple[tuple[str, nn.Module], ...]
+    owner: str | None
+    main_input: str
+    embeddings: nn.Module | None
+    embeddings_name: str = ""
+
+    @property
+    def layer_class(self) -> str:
+        """The class name of the stack's layers (``"A/B"`` when they differ)."""
+        return "/".join(dict.fromkeys(type(layer).__name__ for _, layer in self.layers))
+
+
+def _stacks(named: dict[str, nn.Module], names: dict[int, str], layer_names: list[str]) -> tuple[Stack, ...]:
+    """Group the checkpointed layers by container and find each container's owner."""
+    groups: dict[str, list[str]] = {}
+    for name in layer_names:
+        groups.setdefault(name.rpartition(".")[0], []).append(name)
+    out: list[Stack] = []
+    for container, members in groups.items():
+        owner: str | None = None
+        path = container
+        while True:
+            mod = named.get(path)
+            if mod is not None and callable(getattr(type(mod), "get_input_embeddings", None)):
+                owner = path
+                break
+            if not path:
+                break
+            path = path.rpartition(".")[0]
+        owner_mod = named.get(owner) if owner is not None else None
+        emb = _call(owner_mod, "get_input_embeddings") if owner_mod is not None else None
+        out.append(
+            Stack(
+                name=container,
+                layers=tuple((n, named[n]) for n in members),
+                owner=owner,
+                main_input=str(getattr(owner_mod, "main_input_name", "") or ""),
+                embeddings=emb,
+                embeddings_name="" if emb is None else names.get(id(emb), type(emb).__name__),
+            )
+        )
+    return tuple(out)
+
+
+def _submodel_embeddings(target: nn.Module | None, names: dict[int, str]) -> tuple[tuple[str, nn.Module], ...]:
+    """The modules transformers' ``enable_input_require_grads`` hooks: the input embeddings of every
+    transformers (sub-)model inside ``target``, each once."""
+    if target is None:
+        return ()
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for mod in target.modules():
+        if not _is_transformers_model(mod):
+            continue
+        emb = _call(mod, "get_input_embeddings")
+        if emb is not None and id(emb) not in found:
+            found[id(emb)] = (names.get(id(emb)) or type(emb).__name__, emb)
+    return tuple(found.values())
 
 
 def _own_adapter_params(mod: nn.Module) -> set[int]:
@@ -164,6 +265,10 @@ class Anatomy:
         peft_wrapped: the model is wrapped by PEFT.
         existing: checkpointing the model already has enabled, or ``None``.
         configs: every config object of the model, nested ones included.
+        stacks: the model's checkpointed stacks (see :class:`Stack`), in module order.
+        submodel_embeddings: ``(qualified name, module)`` of the input embeddings of every transformers
+            (sub-)model inside ``target``: where transformers' ``enable_input_require_grads`` (and PEFT's
+            ``prepare_model_for_kbit_training``) put their hooks.
     """
 
     target: nn.Module | None
@@ -174,6 +279,8 @@ class Anatomy:
     peft_wrapped: bool
     existing: ExistingCheckpointing | None
     configs: tuple[Any, ...]
+    stacks: tuple[Stack, ...] = ()
+    submodel_embeddings: tuple[tuple[str, nn.Module], ...] = ()
 
 
 def anatomy(model: nn.Module) -> Anatomy:
@@ -185,8 +292,15 @@ def anatomy(model: nn.Module) -> Anatomy:
     adapters: set[int] = set()
     has_adapter_layers = False
     configs: list[Any] = []
+    named: dict[str, nn.Module] = {}
+    layers: list[str] = []
+    layer_set: set[str] = set()
     for name, mod in model.named_modules():
         names[id(mod)] = name
+        named[name] = mod
+        if is_checkpointed_layer(mod) and not _inside(name, layer_set):
+            layers.append(name)
+            layer_set.add(name)
         cls = type(mod)
         if target is None:
             api = hasattr(cls, "activation_checkpointing_enable") or hasattr(cls, "gradient_checkpointing_enable")
@@ -213,4 +327,15 @@ def anatomy(model: nn.Module) -> Anatomy:
         peft_wrapped=hasattr(model, "peft_config") and has_adapter_layers,
         existing=existing,
         configs=tuple(_with_nested(configs)),
+        stacks=_stacks(named, names, layers),
+        submodel_embeddings=_submodel_embeddings(target, names),
     )
+
+
+def _inside(name: str, layers: set[str]) -> bool:
+    """Whether the module ``name`` lies inside one of the modules named in ``layers``."""
+    while "." in name:
+        name = name.rpartition(".")[0]
+        if name in layers:
+            return True
+    return False

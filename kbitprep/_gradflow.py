@@ -8,6 +8,7 @@ named, with its class and, for quantized layers, the class of its weight.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -17,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._anatomy import model_configs
+from ._anatomy import anatomy, is_checkpointed_layer
+from ._master_weights import MasterWeights
 from ._snapshot import Snapshot
 from .errors import GradientFlowError, InvalidModelError, NotAModuleError
 
@@ -32,8 +34,10 @@ class GradientFlowResult:
     """Outcome of :func:`verify_gradient_flow`.
 
     Attributes:
-        checked: trainable parameters checked (when the model has none yet, one frozen parameter
-            inside a layer is made trainable for the probe, standing in for an adapter).
+        checked: trainable parameters checked (when the model has none yet, one frozen parameter in
+            the first layer of each checkpointed stack the probe runs is made trainable for the probe,
+            standing in for an adapter: an encoder and a decoder, a vision tower and a language model
+            are each checked).
         with_grad: how many received a gradient.
         zero_grad: names of those whose gradient is all zeros (expected for LoRA A at step 0,
             since LoRA B starts at zero).
@@ -99,7 +103,11 @@ def _special_token_ids(*configs: Any) -> set[int]:
 
 
 def _forward_parameters(model: nn.Module) -> tuple[set[str], bool]:
-    """Names ``model.forward`` accepts, and whether it also takes ``**kwargs``."""
+    """Names ``model.forward`` accepts, and whether it also takes ``**kwargs``: the forward of the model a
+    PEFT wrapper holds (``get_base_model()``), whose ``**kwargs`` it passes on."""
+    base = _call_quietly(model, "get_base_model")
+    if isinstance(base, nn.Module) and base is not model:
+        model = base
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -119,8 +127,127 @@ def _predicts_tokens(model: nn.Module) -> bool:
     return isinstance(_call_quietly(model, "get_output_embeddings"), nn.Module)
 
 
-def _default_inputs(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "config", None)
+def _main_input(model: nn.Module) -> str:
+    """The model's ``main_input_name`` (``"input_ids"``, ``"input_features"``, ``"pixel_values"`` ...)."""
+    name = getattr(model, "main_input_name", None)
+    return name if isinstance(name, str) and name else "input_ids"
+
+
+def _float_input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype for float inputs (features, pixels, waveforms): that of the first convolution's weight (the
+    stem of audio and vision towers), else the model's ``dtype``, else its first floating parameter."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d) and mod.weight.is_floating_point():
+            return mod.weight.dtype
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _first_int(*values: Any, default: int = 0) -> int:
+    """The first value that is an int (or a pair of equal ints such as ``image_size=(32, 32)``)."""
+    for v in values:
+        if isinstance(v, list | tuple) and v and all(isinstance(x, int) for x in v):
+            v = v[0]
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return default
+
+
+def _speech_features(model: nn.Module, cfg: Any, gen: torch.Generator) -> torch.Tensor | None:
+    """Log-mel ``input_features`` (1, mel bins, frames) for a Whisper-style encoder: its length is
+    ``max_source_positions`` times the strides of the encoder's 1-D convolutions, which it checks."""
+    bins, positions = (
+        _first_int(getattr(cfg, "num_mel_bins", None)),
+        _first_int(getattr(cfg, "max_source_positions", None)),
+    )
+    if bins <= 0 or positions <= 0:
+        return None
+    encoder = _call_quietly(model, "get_encoder")
+    scope = encoder if isinstance(encoder, nn.Module) else model
+    stride = 1
+    for mod in scope.modules():
+        if isinstance(mod, nn.Conv1d):
+            stride *= int(mod.stride[0])
+    return torch.randn(1, bins, positions * stride, generator=gen)
+
+
+def _waveform(cfg: Any, gen: torch.Generator) -> torch.Tensor | None:
+    """Raw audio ``input_values`` (1, samples) for a wav2vec2-style convolutional feature encoder: long
+    enough for 16 frames (and for SpecAugment's time masks) after its ``conv_kernel`` / ``conv_stride``."""
+    kernels, strides = getattr(cfg, "conv_kernel", None), getattr(cfg, "conv_stride", None)
+    if not isinstance(kernels, list | tuple) or not isinstance(strides, list | tuple) or len(kernels) != len(strides):
+        return None
+    length = max(16, 2 * _first_int(getattr(cfg, "mask_time_length", None)))
+    for kernel, stride in zip(reversed(kernels), reversed(strides)):
+        length = (length - 1) * int(stride) + int(kernel)
+    return torch.randn(1, length, generator=gen)
+
+
+def _vision_config(cfg: Any) -> Any:
+    """The config describing the images: ``vision_config``, an image encoder's ``encoder`` config, or ``cfg``."""
+    for sub in (getattr(cfg, "vision_config", None), getattr(cfg, "encoder", None), cfg):
+        if sub is not None and (hasattr(sub, "image_size") or hasattr(sub, "spatial_merge_size")):
+            return sub
+    return None
+
+
+def _image(vision: Any, gen: torch.Generator) -> torch.Tensor | None:
+    """``pixel_values`` (1, channels, height, width) from a vision config's ``image_size``."""
+    size = getattr(vision, "image_size", None)
+    height = _first_int(size)
+    width = _first_int(size[1] if isinstance(size, list | tuple) and len(size) > 1 else size)
+    if height <= 0 or width <= 0:
+        return None
+    channels = _first_int(getattr(vision, "num_channels", None), getattr(vision, "in_channels", None), default=3)
+    return torch.randn(1, channels, height, width, generator=gen)
+
+
+@dataclass(frozen=True)
+class _ImageProbe:
+    """An image for a vision-language model: the forward's keyword arguments and how many placeholder
+    tokens stand for it in ``input_ids``."""
+
+    inputs: dict[str, torch.Tensor]
+    tokens: int
+
+
+def _vlm_image(cfg: Any, gen: torch.Generator, dtype: torch.dtype) -> _ImageProbe | None:
+    """An image in one of the two layouts transformers' vision-language models read from their configs:
+    merged patches (Qwen2-VL and successors: flattened patches, ``image_grid_thw``, one placeholder per
+    ``spatial_merge_size``² patches), or a patch grid (LLaVA: ``(image_size / patch_size)²`` placeholders, one
+    more with ``vision_feature_select_strategy="full"``, which keeps the CLS token)."""
+    vision = getattr(cfg, "vision_config", None)
+    if vision is None:
+        return None
+    merge = _first_int(getattr(vision, "spatial_merge_size", None))
+    patch = _first_int(getattr(vision, "patch_size", None))
+    channels = _first_int(getattr(vision, "in_channels", None), getattr(vision, "num_channels", None), default=3)
+    if merge > 0 and patch > 0:
+        temporal = _first_int(getattr(vision, "temporal_patch_size", None), default=1)
+        side = 2 * merge
+        patches = torch.randn(side * side, channels * temporal * patch * patch, generator=gen)
+        grid = torch.tensor([[1, side, side]])
+        return _ImageProbe({"pixel_values": patches.to(dtype), "image_grid_thw": grid}, side * side // merge**2)
+    image = _image(vision, gen)
+    if image is None or patch <= 0:
+        return None
+    tokens = (image.shape[-2] // patch) * (image.shape[-1] // patch)
+    tokens += int(getattr(cfg, "vision_feature_select_strategy", None) == "full")
+    return _ImageProbe({"pixel_values": image.to(dtype)}, tokens)
+
+
+def _image_token(cfg: Any) -> int | None:
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _token_ids(model: nn.Module, cfg: Any, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``_PROBE_TOKENS`` random token ids of the text vocabulary, special token ids excluded."""
     text_cfg = _text_config(cfg)
     vocab = getattr(text_cfg, "vocab_size", None) if text_cfg is not None else None
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
@@ -128,24 +255,83 @@ def _default_inputs(model: nn.Module) -> dict[str, Any]:
             f"cannot build probe inputs for {type(model).__name__} (no vocab_size in its config or text config); "
             "pass inputs={...} to verify_gradient_flow"
         )
+    special = _special_token_ids(cfg, text_cfg)
+    allowed = torch.tensor([i for i in range(vocab) if i not in special] or list(range(vocab)))
+    return allowed[torch.randint(0, len(allowed), (1, _PROBE_TOKENS), generator=gen)].to(device)
+
+
+def _default_feeds(model: nn.Module) -> list[dict[str, Any]]:
+    """The default probe inputs, best first: the model's main input built from its config (token ids,
+    Whisper-style log-mel features, a wav2vec2-style waveform, pixel values), with an image for a
+    vision-language model whose layout is known (and the text-only probe after it, should its forward
+    reject the image), ``decoder_input_ids`` for encoder-decoder models and token ``labels`` for LM heads."""
+    cfg = getattr(model, "config", None)
     emb = _call_quietly(model, "get_input_embeddings")
     device = next(
         (p.device for p in (emb.parameters() if isinstance(emb, nn.Module) else model.parameters())),
         torch.device("cpu"),
     )
     gen = torch.Generator().manual_seed(0)
-    special = _special_token_ids(cfg, text_cfg)
-    allowed = torch.tensor([i for i in range(vocab) if i not in special] or list(range(vocab)))
-    ids = allowed[torch.randint(0, len(allowed), (1, _PROBE_TOKENS), generator=gen)].to(device)
-    feed: dict[str, Any] = {"input_ids": ids}
     accepted, any_kw = _forward_parameters(model)
-    if getattr(cfg, "is_encoder_decoder", False) and ("decoder_input_ids" in accepted or any_kw):
+    main = _main_input(model)
+    dtype = _float_input_dtype(model)
+    feed: dict[str, Any] = {}
+    if main == "input_features":
+        features = _speech_features(model, cfg, gen)
+        if features is None:
+            raise InvalidModelError(
+                f"cannot build probe inputs for {type(model).__name__} (input_features: no num_mel_bins and "
+                "max_source_positions in its config); pass inputs={...} to verify_gradient_flow"
+            )
+        feed[main] = features.to(device, dtype)
+    elif main == "input_values":
+        wave = _waveform(cfg, gen)
+        if wave is None:
+            raise InvalidModelError(
+                f"cannot build probe inputs for {type(model).__name__} (input_values: no conv_kernel and "
+                "conv_stride in its config); pass inputs={...} to verify_gradient_flow"
+            )
+        return [{main: wave.to(device, dtype)}]  # a CTC or classification head: the loss comes from the logits
+    elif main == "pixel_values":
+        pixels = _image(_vision_config(cfg), gen)
+        if pixels is None:
+            raise InvalidModelError(
+                f"cannot build probe inputs for {type(model).__name__} (pixel_values: no image_size in its "
+                "config); pass inputs={...} to verify_gradient_flow"
+            )
+        feed[main] = pixels.to(device, dtype)
+    text_model = main not in ("input_features", "input_values", "pixel_values")  # token ids, as for any other name
+    encoder_decoder = bool(getattr(cfg, "is_encoder_decoder", False))
+    if not text_model and not encoder_decoder:
+        return [feed]  # an encoder with a classification head: no token ids at all
+    ids = _token_ids(model, cfg, gen, device)
+    if text_model:
+        feed["input_ids"] = ids
+    if encoder_decoder and ("decoder_input_ids" in accepted or any_kw):
+        vocab = getattr(_text_config(cfg), "vocab_size", 0)
         start = getattr(cfg, "decoder_start_token_id", None)
         start = start if isinstance(start, int) and 0 <= start < vocab else 0
         feed["decoder_input_ids"] = torch.cat([torch.full((1, 1), start, device=device), ids[:, :-1]], dim=1)
-    if ("labels" in accepted or any_kw) and _predicts_tokens(model):
+    wants_labels = ("labels" in accepted or any_kw) and _predicts_tokens(model)
+    if wants_labels:
         feed["labels"] = ids.clone()
-    return feed
+    image = _vlm_image(cfg, gen, dtype) if text_model and ("pixel_values" in accepted or any_kw) else None
+    token = _image_token(cfg)
+    if image is None or token is None:
+        return [feed]
+    placeholders = torch.full((1, image.tokens), token, device=device)
+    with_image = torch.cat([ids[:, :2], placeholders, ids[:, 2:]], dim=1)
+    vlm = {**feed, "input_ids": with_image, **{k: v.to(device) for k, v in image.inputs.items()}}
+    if "mm_token_type_ids" in accepted:  # Qwen2-VL's multimodal rope: 1 marks image tokens
+        vlm["mm_token_type_ids"] = (with_image == token).long()
+    if wants_labels:
+        vlm["labels"] = with_image.masked_fill(with_image == token, -100)
+    return [vlm, feed]
+
+
+def _default_inputs(model: nn.Module) -> dict[str, Any]:
+    """The default probe inputs (the first of :func:`_default_feeds`)."""
+    return _default_feeds(model)[0]
 
 
 def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -219,12 +405,33 @@ class _Tracer:
         self.order: dict[str, int] = {}
         self.found: dict[str, _Break] = {}
         self.blamed: set[Any] = set()  # autograd nodes without a derivative already attributed to a module
+        #: reentrant-checkpointed layers (by name) whose hidden-state input did not require grad
+        self.cold_layers: dict[str, str] = {}
         self.handles: list[Any] = []
         for name, mod in model.named_modules():
             try:
                 self.handles.append(mod.register_forward_hook(self._hook_for(name), with_kwargs=True))
+                if is_checkpointed_layer(mod):  # registered last: sees the input after kbitprep's pre-hook
+                    self.handles.append(mod.register_forward_pre_hook(self._layer_input_hook(name)))
             except (RuntimeError, TypeError, AttributeError):  # e.g. a TorchScript module: not traced
                 continue
+
+    def reset(self) -> None:
+        """Forget what a forward that failed recorded (before the probe tries its next inputs)."""
+        self.order.clear()
+        self.found.clear()
+        self.blamed.clear()
+        self.cold_layers.clear()
+
+    def _layer_input_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if not torch.is_grad_enabled() or not module.training or not _reentrant(module):
+                return
+            first = args[0] if args else None
+            if isinstance(first, torch.Tensor) and first.is_floating_point() and not first.requires_grad:
+                self.cold_layers.setdefault(name, type(module).__name__)
+
+        return hook
 
     def _hook_for(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -282,6 +489,15 @@ class _Tracer:
         return sorted(self.found.values(), key=lambda b: self.order.get(b.name, len(self.order)))
 
 
+def _reentrant(layer: nn.Module) -> bool:
+    """Whether transformers checkpoints this layer reentrantly (its flag on, ``use_reentrant`` not False)."""
+    if getattr(layer, "gradient_checkpointing", False) is not True:
+        return False
+    func = vars(layer).get("_gradient_checkpointing_func")
+    keywords = getattr(func, "keywords", None) or {}
+    return func is not None and bool(keywords.get("use_reentrant", True))
+
+
 def _qualname(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -328,17 +544,25 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
     """Run one forward/backward in training mode and check that gradients flow.
 
     Every parameter with ``requires_grad`` must receive a gradient. If no parameter is trainable yet
-    (adapters not attached), the output must still require grad, which proves gradients will reach
-    adapters placed inside the frozen network (this is what the input-require-grads hook is for with
-    reentrant checkpointing). And no module may cut the autograd chain: one whose input requires grad
-    while its output does not (a quantized kernel without autograd, a ``detach``) is named in the error.
-    Gradients, training mode, the RNG state and the model's config objects are restored afterwards.
+    (adapters not attached), a frozen parameter in the first layer of each checkpointed stack stands in
+    for an adapter and must receive one, which proves gradients will reach adapters placed inside every
+    stack of the frozen network (this is what the input-require-grads hooks are for with reentrant
+    checkpointing); the output must require grad. And no module may cut the autograd chain: one whose
+    input requires grad while its output does not (a quantized kernel without autograd, a ``detach``) is
+    named in the error, as is a reentrant-checkpointed layer whose input does not require grad.
+    Gradients, training mode, the RNG state, the model's config objects and whatever else the forward
+    changed on its modules (hooks a library installs on a first forward) are restored afterwards.
 
-    The default probe is 8 random token ids (special token ids such as image placeholders excluded;
-    the vocabulary comes from ``config`` or its text config), ``decoder_input_ids`` for
-    encoder-decoder models, and ``labels`` only for heads that predict tokens (causal and seq2seq LMs).
-    Other heads (sequence or token classification, question answering ...) are probed through a loss
-    computed from their outputs.
+    The default probe is built from the model's config for its main input: 8 random token ids (special
+    token ids such as image placeholders excluded; the vocabulary comes from ``config`` or its text
+    config); log-mel ``input_features`` for Whisper-style speech encoders (``num_mel_bins`` x the length
+    ``max_source_positions`` and the encoder's convolutions give); a raw-audio ``input_values`` for
+    wav2vec2-style models (long enough for their ``conv_kernel``/``conv_stride``); ``pixel_values`` from
+    ``image_size`` for vision encoders. A vision-language model also gets one image with its placeholder
+    tokens (LLaVA's patch grid, or Qwen2-VL's merged patches with ``image_grid_thw``), and is probed
+    text-only if its forward rejects that image. Encoder-decoder models get ``decoder_input_ids``, and heads
+    that predict tokens (causal and seq2seq LMs) ``labels``; other heads (sequence or token classification,
+    question answering, CTC ...) are probed through a loss computed from their outputs.
 
     Args:
         model: a prepared model (with or without adapters).
@@ -359,10 +583,12 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
             f"verify_gradient_flow expects a torch.nn.Module (a loaded transformers model), got {type(model).__name__}"
         )
     own_inputs = inputs is None
-    feed = dict(inputs) if inputs is not None else _default_inputs(model)
+    feeds = [dict(inputs)] if inputs is not None else _default_feeds(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    probe = None if trainable else _probe_parameter(model)
-    saved_configs = Snapshot.of_objects(model_configs(model))  # the probe's forward may edit configs
+    probes = [] if trainable else _probe_parameters(model)
+    # the probe's forward may edit configs (BERT's problem_type) and install hooks of its own (transformers'
+    # output capturing, on the first forward of a vision tower): all of it is reverted afterwards
+    saved = Snapshot(model)
     emb = _call_quietly(model, "get_input_embeddings")
     emb_out: list[bool] = []
 
@@ -370,9 +596,11 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
         if torch.is_grad_enabled():
             emb_out.extend(t.requires_grad for t in _tensors(out) if t.is_floating_point())
 
-    if probe is not None:
-        probe[1].requires_grad_(True)
-        trainable = [probe]
+    for _, p, _ in probes:
+        p.requires_grad_(True)
+    if probes:
+        trainable = [(n, p) for n, p, _ in probes]
+    hidden = _hide_from_master_weights(model, [p for _, p in trainable])
     saved_grads = [p.grad for _, p in trainable]
     modes = [(m, m.training) for m in model.modules()]
     tracer = _Tracer(model)
@@ -382,19 +610,7 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
             model.train()
             for _, p in trainable:
                 p.grad = None
-            try:
-                out = model(**feed)
-            except Exception as exc:
-                if not own_inputs:
-                    raise
-                shown = ", ".join(
-                    f"{k}{tuple(v.shape) if isinstance(v, torch.Tensor) else ''}" for k, v in feed.items()
-                )
-                raise InvalidModelError(
-                    f"cannot probe {type(model).__name__}: its forward rejected kbitprep's default probe ({shown}) "
-                    f"with {type(exc).__name__}: {exc}. Pass a batch this head accepts: "
-                    "verify_gradient_flow(model, inputs={...}) (with prepare, use verify=False and call it yourself)"
-                ) from exc
+            out = _probe_forward(model, feeds, tracer, own_inputs)
             loss = _loss_of(out)
             requires = bool(loss.requires_grad)
             if requires:
@@ -405,12 +621,14 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
                     raise GradientFlowError(
                         f"the probe's backward failed ({exc})" + (f": {_describe(found)}" if found else "")
                     ) from exc
-        missing = [n for n, p in trainable if p.grad is None]
-        zero = tuple(n for n, p in trainable if p.grad is not None and not bool(p.grad.ne(0).any()))
         breaks = tracer.breaks()
+        cold = dict(tracer.cold_layers)
+        checked = _probes_reached(probes, tracer.order, cold, bool(breaks)) if probes else trainable
+        missing = [n for n, p in checked if p.grad is None]
+        zero = tuple(n for n, p in checked if p.grad is not None and not bool(p.grad.ne(0).any()))
         result = GradientFlowResult(
-            len(trainable),
-            len(trainable) - len(missing),
+            len(checked),
+            len(checked) - len(missing),
             zero,
             requires,
             float(loss.detach().float().item()),
@@ -422,23 +640,25 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
             emb_handle.remove()
         for (_, p), g in zip(trainable, saved_grads):
             p.grad = g
-        if probe is not None:
-            probe[1].requires_grad_(False)
+        for _, p, _ in probes:
+            p.requires_grad_(False)
+        hidden()
         for m, was in modes:
             m.training = was
-        saved_configs.changes().revert()
+        saved.changes().revert()
     where = _describe(breaks) if breaks else ""
     checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     hook_missing = bool(emb_out) and not any(emb_out) and checkpointed
     if missing:
-        if probe is not None:
+        if probes:
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
             head = (
-                f"a probe parameter inside the model ({probe[0]}) got no gradient, so adapters placed there "
-                "would not train"
+                f"{'a probe parameter' if len(missing) == 1 else f'{len(missing)} probe parameters'} inside the "
+                f"model ({shown}) got no gradient, so adapters placed there would not train"
             )
         else:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            head = f"{len(missing)} of {len(trainable)} trainable parameters got no gradient ({shown})"
+            head = f"{len(missing)} of {len(checked)} trainable parameters got no gradient ({shown})"
         if where:
             raise GradientFlowError(f"{head}: {where}")
         if hook_missing:
@@ -447,6 +667,8 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
                 "checkpointing needs the input-require-grads hook (model.enable_input_require_grads()), or use "
                 "checkpointing='non_reentrant'"
             )
+        if cold:
+            raise GradientFlowError(f"{head}: {_describe_cold(cold)}")
         raise GradientFlowError(
             f"{head}: no module cut the autograd chain during the probe, so they are not used by this forward "
             "(an unused branch, or inputs that skip them); pass inputs that exercise them, or freeze them"
@@ -464,6 +686,97 @@ def verify_gradient_flow(model: nn.Module, inputs: Mapping[str, Any] | None = No
             "skip the base model's path"
         )
     return result
+
+
+def _hide_from_master_weights(model: nn.Module, params: list[nn.Parameter]) -> Callable[[], None]:
+    """Keep the probe's trainable parameters away from prepare's fp32 master-weights hook during the probe: the
+    probe is not a training step (its stand-ins train for this one probe, and the probe's changes to the model
+    are reverted, so master weights made here would be lost), and a parameter trained for real gets its master
+    weights at the first training forward. Returns the function that ends it."""
+    stack = contextlib.ExitStack()
+    for m in model.modules():
+        for h in m._forward_pre_hooks.values():
+            if isinstance(h, MasterWeights):
+                stack.enter_context(h.ignoring(params))
+    return stack.close
+
+
+def _probe_forward(model: nn.Module, feeds: list[dict[str, Any]], tracer: _Tracer, own_inputs: bool) -> Any:
+    """``model(**feed)`` with the first feed its forward accepts. The caller's inputs are tried alone and
+    their error propagates; when the default probe's last feed is rejected too, :class:`InvalidModelError`."""
+    for i, feed in enumerate(feeds):
+        try:
+            return model(**feed)
+        except Exception as exc:
+            if not own_inputs:
+                raise
+            if i + 1 < len(feeds):
+                tracer.reset()  # e.g. an image the model's layout does not take: try the text-only probe
+                continue
+            shown = ", ".join(f"{k}{tuple(v.shape) if isinstance(v, torch.Tensor) else ''}" for k, v in feed.items())
+            raise InvalidModelError(
+                f"cannot probe {type(model).__name__}: its forward rejected kbitprep's default probe ({shown}) "
+                f"with {type(exc).__name__}: {exc}. Pass a batch this head accepts: "
+                "verify_gradient_flow(model, inputs={...}) (with prepare, use verify=False and call it yourself)"
+            ) from exc
+    raise InvalidModelError(f"cannot probe {type(model).__name__}: no probe inputs")  # no feeds: not reached
+
+
+def _probes_reached(
+    probes: list[tuple[str, nn.Parameter, str]], ran: Mapping[str, int], cold: Mapping[str, str], breaks: bool
+) -> list[tuple[str, nn.Parameter]]:
+    """The probe parameters the check counts: those in a layer the probe ran (a text-only probe runs no vision
+    tower) and whose output the loss uses. A probe parameter without a gradient, in a layer whose input required
+    grad, while no module cut the chain, sits in a layer the model does not use (LLaVA's default
+    ``vision_feature_layer=-2`` leaves the last vision layer out): not counted, rather than failed."""
+    out = []
+    for name, p, layer in probes:
+        if layer and layer not in ran:
+            continue
+        if layer and p.grad is None and layer not in cold and not breaks:
+            continue
+        out.append((name, p))
+    return out
+
+
+def _describe_cold(cold: dict[str, str]) -> str:
+    """Why parameters inside reentrant-checkpointed layers got no gradient: their input did not require grad."""
+    first, cls = next(iter(cold.items()))
+    more = f" (and {len(cold) - 1} more checkpointed layer(s))" if len(cold) > 1 else ""
+    return (
+        f"the checkpointed layer {first} ({cls}){more} ran with reentrant checkpointing on a hidden-state input "
+        "that does not require grad, so nothing inside it gets a gradient. Its stack does not start from hooked "
+        "input embeddings (a speech encoder, a vision tower): kbitprep.prepare hooks such stacks; otherwise "
+        "register a forward hook making the stack's input require grad, or use checkpointing='non_reentrant'"
+    )
+
+
+def _probe_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
+    """Frozen floating-point parameters that stand in for adapters while none is attached: one in the first
+    layer of each checkpointed stack (``(name, parameter, layer name)``), so every stack (an encoder and a
+    decoder, a vision tower and a language model) is probed; without stacks, the one
+    :func:`_probe_parameter` picks (layer name ``""``)."""
+    skip = _quantized_parameter_ids(model)
+    emb = _call_quietly(model, "get_input_embeddings")
+    if isinstance(emb, nn.Module):
+        skip |= {id(p) for p in emb.parameters()}
+    found: list[tuple[str, nn.Parameter, str]] = []
+    for stack in anatomy(model).stacks:
+        pick = next(
+            (
+                (f"{lname}.{pname}", p, lname)
+                for lname, layer in stack.layers
+                for pname, p in layer.named_parameters()
+                if id(p) not in skip and type(p.data) is torch.Tensor and p.dtype.is_floating_point
+            ),
+            None,
+        )
+        if pick is not None:
+            found.append(pick)
+    if found:
+        return found
+    single = _probe_parameter(model)
+    return [(single[0], single[1], "")] if single is not None else []
 
 
 def _probe_parameter(model: nn.Module) -> tuple[str, nn.Parameter] | None:

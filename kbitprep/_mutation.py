@@ -13,16 +13,25 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ._anatomy import Anatomy, anatomy, count_input_grad_hooks
+from ._anatomy import (
+    INPUT_GRADS_MARK,
+    Anatomy,
+    anatomy,
+    count_input_grad_hooks,
+    count_layer_input_hooks,
+    is_checkpointed_layer,
+)
+from ._master_weights import MasterWeights
 from ._memory import apply_memory_modes
 from ._plan_types import Plan, Report
 from ._planning import check_plan_matches
+from ._saving import guard_saves
 from ._snapshot import Changes, Snapshot
 from ._tensors import iter_unique_parameters
 from .errors import CheckpointingOverrideWarning, NotPreparedError, NotTrainableError, UnsupportedModelError
@@ -66,6 +75,15 @@ def prepared_state(model: nn.Module) -> PreparedState | None:
     return None
 
 
+def _record_later(model: nn.Module, changes: Changes, step: str) -> None:
+    """Add changes made after prepare by a hook prepare installed (fp32 master weights) to the model's
+    record, so that :func:`undo` reverts them too, and the step to its report."""
+    state = prepared_state(model)
+    if state is not None:
+        state.changes.ops.extend(changes.ops)
+        state.report = replace(state.report, steps=(*state.report.steps, step))
+
+
 def _refuse_unusable(model: nn.Module) -> None:
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if not meta:
@@ -99,18 +117,19 @@ def _enable_checkpointing(body: Anatomy, plan: Plan) -> None:
             CheckpointingOverrideWarning,
             stacklevel=4,
         )
-    emb = body.embeddings
-    had_hook = count_input_grad_hooks(emb) > 0
-    hooks_before = set(emb._forward_hooks) if emb is not None else set()
+    # transformers hooks the input embeddings of every sub-model, again on those that already carry a hook
+    hooked = [m for m in _embedding_modules(body) if count_input_grad_hooks(m)]
+    hooks_before = {id(m): set(m._forward_hooks) for m in hooked}
     handles_before = {k: vars(target).get(k, _MISSING) for k in _TRANSFORMERS_HOOK_HANDLES}
     t = cast(Any, target)
     if hasattr(type(target), "activation_checkpointing_enable"):
         t.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         t.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if had_hook and emb is not None:  # transformers registers another hook each time: keep one
-        for key in [k for k in emb._forward_hooks if k not in hooks_before]:
-            del emb._forward_hooks[key]
+    for mod in hooked:  # transformers registers another hook each time: keep one
+        for key in [k for k in mod._forward_hooks if k not in hooks_before[id(mod)]]:
+            del mod._forward_hooks[key]
+    if hooked:
         for attr, value in handles_before.items():
             if value is _MISSING:
                 vars(target).pop(attr, None)
@@ -118,11 +137,14 @@ def _enable_checkpointing(body: Anatomy, plan: Plan) -> None:
                 vars(target)[attr] = value
 
 
-def _turn_off_use_cache(body: Anatomy, plan: Plan) -> None:
+def _turn_off_use_cache(model: nn.Module, body: Anatomy, plan: Plan) -> None:
     names = set(plan.use_cache_off)
+    loaded = []
     for cfg in body.configs:
         if type(cfg).__name__ in names and getattr(cfg, "use_cache", None):
+            loaded.append((cfg, cfg.use_cache))
             cfg.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    guard_saves(model, loaded)  # ... and a checkpoint saved after prepare says what the loaded model said
 
 
 def _make_inputs_require_grad(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -130,16 +152,66 @@ def _make_inputs_require_grad(module: nn.Module, inputs: Any, output: Any) -> No
         output.requires_grad_(True)
 
 
-_make_inputs_require_grad._kbitprep_input_grads = True  # type: ignore[attr-defined]
+def _make_layer_input_require_grad(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook on a checkpointed layer: its hidden-state input (the first positional argument, as
+    transformers passes it for reentrant checkpointing) made to require grad, as a detached alias so the
+    caller's tensor is left as it is."""
+    if not args or not torch.is_grad_enabled():
+        return None
+    first = args[0]
+    if not isinstance(first, torch.Tensor) or not first.is_floating_point() or first.requires_grad:
+        return None
+    return (first.detach().requires_grad_(True), *args[1:])
 
 
-def _install_input_grads_hook(body: Anatomy, plan: Plan) -> None:
-    emb = body.embeddings
-    if emb is None or count_input_grad_hooks(emb):
-        return
-    needs = any(d.input_grads_hook for d in plan.declarations)
-    if plan.checkpointing is CheckpointMode.REENTRANT and needs:
-        emb.register_forward_hook(_make_inputs_require_grad)
+setattr(_make_inputs_require_grad, INPUT_GRADS_MARK, True)
+setattr(_make_layer_input_require_grad, INPUT_GRADS_MARK, True)
+
+
+def _embedding_modules(body: Anatomy) -> list[nn.Module]:
+    """The token embeddings and the input embeddings of every sub-model, each once."""
+    found = {id(m): m for _, m in body.submodel_embeddings}
+    if body.embeddings is not None:
+        found.setdefault(id(body.embeddings), body.embeddings)
+    return list(found.values())
+
+
+def _install_input_grads_hook(model: nn.Module, body: Anatomy, plan: Plan) -> None:
+    """kbitprep's input-require-grads hooks, where the plan puts them (``Plan.input_grads_hooks``): a forward
+    hook on input embeddings, a forward pre-hook on a checkpointed layer; none where one is already there."""
+    known = dict(body.submodel_embeddings)
+    if body.embeddings is not None:
+        known[body.embeddings_name] = body.embeddings
+    for name in plan.input_grads_hooks:
+        mod = known.get(name) or model.get_submodule(name)
+        if is_checkpointed_layer(mod):
+            if not count_layer_input_hooks(mod):
+                mod.register_forward_pre_hook(_make_layer_input_require_grad)
+        elif not count_input_grad_hooks(mod):
+            mod.register_forward_hook(_make_inputs_require_grad)
+
+
+def _hook_keys(mods: list[nn.Module]) -> dict[int, tuple[set[int], set[int]]]:
+    return {id(m): (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in mods}
+
+
+def _hooks_added(mods: list[nn.Module], before: dict[int, tuple[set[int], set[int]]]) -> tuple[str, ...]:
+    """``"Class: hook"`` for each forward hook added since ``before``; ``"Class x n: hook (forward pre-hook)"``
+    for the forward pre-hooks added to ``n`` modules of one class (the layers of a stack)."""
+    added: list[str] = []
+    pre: dict[tuple[str, str], int] = {}
+    for mod in mods:
+        fwd_before, pre_before = before[id(mod)]
+        cls = type(mod).__name__
+        added += [
+            f"{cls}: {getattr(h, '__name__', repr(h))}" for k, h in mod._forward_hooks.items() if k not in fwd_before
+        ]
+        for k, h in mod._forward_pre_hooks.items():
+            if k not in pre_before:
+                key = (cls, getattr(h, "__name__", repr(h)))
+                pre[key] = pre.get(key, 0) + 1
+    added += [f"{cls}{f' x {n}' if n > 1 else ''}: {hook} (forward pre-hook)" for (cls, hook), n in pre.items()]
+    return tuple(added)
 
 
 def _blame_fixup(exc: Exception, plan: Plan, fix: FixUp) -> None:
@@ -175,8 +247,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
     started = time.perf_counter()
     by_name = {aliases[0]: p for _, aliases, p, _ in iter_unique_parameters(model)}
     body = anatomy(model)  # the model's parts, found once for the whole apply
-    emb = body.embeddings
-    hooks_before = dict(emb._forward_hooks) if emb is not None else {}
+    watched = _embedding_modules(body) + [layer for stack in body.stacks for _, layer in stack.layers]
+    hooks_before = _hook_keys(watched)
     snapshot = Snapshot(model, configs=body.configs)
     steps: list[str] = []
     upcast_ids: set[int] = set()
@@ -199,10 +271,13 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
         if plan.checkpointing is not CheckpointMode.OFF:
             _enable_checkpointing(body, plan)
             steps.append(f"enabled {plan.checkpointing.value} checkpointing")
-            _install_input_grads_hook(body, plan)
+            _install_input_grads_hook(model, body, plan)
         if plan.use_cache_off:
-            _turn_off_use_cache(body, plan)
+            _turn_off_use_cache(model, body, plan)
             steps.append(f"use_cache off on {', '.join(plan.use_cache_off)}")
+        if plan.master_weights:
+            model.register_forward_pre_hook(MasterWeights(_record_later))
+            steps.append("fp32 master weights hook (for parameters made trainable after prepare)")
         done = apply_memory_modes(model, plan)  # the last step: it patches forwards of a prepared model
         if done:
             steps.append(done)
@@ -218,13 +293,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, clear_cache: bool = True) -> Rep
     changes.release_upcast_storage(lambda t: id(t) in upcast_ids)
     if clear_cache and torch.cuda.is_available() and plan.to_upcast:
         torch.cuda.empty_cache()
-    hooks_added: tuple[str, ...] = ()
-    if emb is not None:
-        hooks_added = tuple(
-            f"{type(emb).__name__}: {getattr(h, '__name__', repr(h))}"
-            for k, h in emb._forward_hooks.items()
-            if k not in hooks_before
-        )
+    hooks_added = _hooks_added(watched, hooks_before)
     report = Report(plan, time.perf_counter() - started, hooks_added, tuple(steps))
     vars(model)[_STATE_ATTR] = PreparedState(report, changes)
     log.info(

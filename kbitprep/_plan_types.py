@@ -109,6 +109,14 @@ class Plan:
     #: Backend warnings (:attr:`kbitprep.plugin.Declarations.warnings`), also raised as
     #: :class:`~kbitprep.errors.BackendWarning` when the plan is made.
     warnings: tuple[str, ...] = ()
+    #: Qualified names of the modules kbitprep hooks itself so that every checkpointed stack receives inputs
+    #: that require grad (``hooks`` says which and why): input embeddings get a forward hook, the layers of a
+    #: stack that no hooked embedding feeds (a speech encoder, a vision tower) a forward pre-hook each.
+    input_grads_hooks: tuple[str, ...] = ()
+    #: Whether prepare installs fp32 master weights for half-precision parameters that become trainable
+    #: after prepare (PEFT's ``modules_to_save``, ``trainable_token_indices``; see ``kbitprep._master_weights``).
+    #: Off for the drop-in, which upcasts as PEFT does.
+    master_weights: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickling keeps everything but the model reference: an unpickled plan is for no model
@@ -247,12 +255,15 @@ class Report:
         seconds: wall time of the apply.
         hooks_added: forward hooks added to the model (module name and hook name).
         steps: the steps run, in order.
+        gradient_flow: the gradient-flow check's result (``prepare(..., verify=True)``), or ``""``.
     """
 
     plan: Plan
     seconds: float
     hooks_added: tuple[str, ...]
     steps: tuple[str, ...]
+    #: The result of the gradient-flow check ``prepare(..., verify=True)`` ran, in one line; ``""`` when none ran.
+    gradient_flow: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -261,6 +272,7 @@ class Report:
             "seconds": self.seconds,
             "hooks_added": list(self.hooks_added),
             "steps": list(self.steps),
+            "gradient_flow": self.gradient_flow,
         }
 
     def __str__(self) -> str:

@@ -13,16 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._anatomy import Anatomy, anatomy, count_input_grad_hooks
+from ._anatomy import Anatomy, Stack, anatomy, count_input_grad_hooks, count_layer_input_hooks
 from ._fsdp import FsdpSetting, check_fsdp_dtypes, detect_fsdp, fsdp_choices
+from ._master_weights import master_weights_note
 from ._memory import MemoryChoice, MemoryModes, memory_plan, preset_options, resolve_memory
 from ._peft_rules import peft_casts
 from ._plan_types import ParamPlan, Plan
 from ._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast, validate_checkpointing_kwargs
-from ._registry import Registry, Selection, default_registry
+from ._registry import Registry, Selection, default_registry, module_index_scope
 from ._tensors import iter_unique_parameters, tensor_nbytes
 from .errors import BackendWarning, NoParametersError, NotAModuleError, PlanMismatchError
-from .plugin import HALF_DTYPES, CheckpointMode, Declarations, class_path, is_plain_tensor
+from .plugin import HALF_DTYPES, CheckpointMode, Declarations, class_path, is_plain_tensor, module_index
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +129,25 @@ def build_plan(
     if not unique:
         raise NoParametersError(f"{type(model).__name__} has no parameters; there is nothing to prepare")
     reg = registry or default_registry()
-    sel = selection or reg.select(model, backend, allow_mismatch=allow_mismatch)
-    decls = [reg.declare(info, model, det) for info, det in sel.detections]
-    decl = merge_declarations(decls)
-    fsdp_setting = detect_fsdp(fsdp, model=model)
-    choices = resolve_choices(decl, fsdp_setting, upcast, checkpointing, memory, peft_compat=peft_compat)
-    body = anatomy(model)  # the model's parts, found once for the whole plan
-    ckpt = plan_checkpointing(model, body, choices, decl, checkpointing, checkpointing_kwargs, peft_compat=peft_compat)
-    params = plan_parameters(unique, decl, choices, body.adapters, peft_compat=peft_compat)
-    params += plan_quantized_buffers(model, decl)
+    with module_index_scope(model):  # the detectors, the declarations and the steps below share one index
+        sel = selection or reg.select(model, backend, allow_mismatch=allow_mismatch)
+        decls = [reg.declare(info, model, det) for info, det in sel.detections]
+        decl = merge_declarations(decls)
+        fsdp_setting = detect_fsdp(fsdp, model=model)
+        choices = resolve_choices(decl, fsdp_setting, upcast, checkpointing, memory, peft_compat=peft_compat)
+        body = anatomy(model)  # the model's parts, found once for the whole plan
+        ckpt = plan_checkpointing(
+            model, body, choices, decl, checkpointing, checkpointing_kwargs, peft_compat=peft_compat
+        )
+        params = plan_parameters(unique, decl, choices, body.adapters, peft_compat=peft_compat)
+        params += plan_quantized_buffers(model, decl)
     require_something_to_train(model, unique, sel)
     notes = [*decl.notes, *ckpt.notes, *mixed_precision_notes(params, choices.policy_label)]
     fsdp_info: dict[str, Any] | None = None
     if fsdp_setting.enabled:
         fsdp_notes, fsdp_info = plan_fsdp(model, params, decls, fsdp_setting, choices, peft_compat=peft_compat)
-    hooks, hook_notes = plan_input_grads_hooks(body, ckpt, decl)
-    notes += hook_notes
+    input_hooks = plan_input_grads_hooks(body, ckpt, decl, peft_compat=peft_compat)
+    notes += input_hooks.notes
     memory_extras: dict[str, Any] = {}
     if choices.modes is not None:
         memory_extras, memory_notes = memory_plan(choices.modes, model, ckpt.mode)
@@ -155,6 +159,9 @@ def build_plan(
     use_cache_off = plan_use_cache_off(body, ckpt.mode, peft_compat=peft_compat)
     if use_cache_off:
         notes.append(f"use_cache turned off (no KV cache in training) on: {', '.join(use_cache_off)}")
+    master_weights = plan_master_weights(params, peft_compat=peft_compat)
+    if master_weights:
+        notes.append(master_weights_note())
     backend_warnings = raise_backend_warnings(decls)
     notes += [f"warning: {w}" for w in backend_warnings]
     log.debug(
@@ -174,7 +181,8 @@ def build_plan(
         checkpointing=ckpt.mode,
         checkpointing_note=ckpt.note,
         checkpointing_kwargs=ckpt.kwargs,
-        hooks=tuple(hooks),
+        hooks=input_hooks.lines,
+        input_grads_hooks=input_hooks.sites,
         fixups=decl.fixups,
         notes=tuple(notes),
         trainable=decl.trainable,
@@ -185,6 +193,7 @@ def build_plan(
         fsdp=fsdp_info,
         use_cache_off=use_cache_off,
         warnings=backend_warnings,
+        master_weights=master_weights,
     )
 
 
@@ -330,30 +339,34 @@ def plan_parameters(
 def plan_quantized_buffers(model: nn.Module, decl: Declarations) -> list[ParamPlan]:
     """Buffers a backend declares quantized storage (GPTQ's int32 qweight, a library keeping its int8
     weights and scales in buffers), counted too: protected, never frozen or cast."""
-    owners = dict(model.named_modules())
     seen: set[int] = set()
     out: list[ParamPlan] = []
-    for bname, buf in model.named_buffers():
-        if bname not in decl.quantized or id(buf) in seen:
-            continue
-        seen.add(id(buf))
-        nbytes = tensor_nbytes(buf)
-        out.append(
-            ParamPlan(
-                name=bname,
-                aliases=(bname,),
-                module_type=type(owners[bname.rpartition(".")[0]]).__name__,
-                shape=tuple(buf.shape),
-                dtype_before=buf.dtype,
-                dtype_after=buf.dtype,
-                requires_grad_before=False,
-                requires_grad_after=False,
-                bytes_before=nbytes,
-                bytes_after=nbytes,
-                quantized=True,
-            )
-        )
+    for mname, owner in module_index(model).items():  # the plan's index: no walk of its own
+        for local, buf in owner.named_buffers(recurse=False):
+            if id(buf) in seen:  # a shared buffer counts once, under its first name (as named_buffers() does)
+                continue
+            seen.add(id(buf))
+            bname = f"{mname}.{local}" if mname else local
+            if bname in decl.quantized:
+                out.append(_quantized_buffer(bname, buf, owner))
     return out
+
+
+def _quantized_buffer(bname: str, buf: torch.Tensor, owner: nn.Module) -> ParamPlan:
+    nbytes = tensor_nbytes(buf)
+    return ParamPlan(
+        name=bname,
+        aliases=(bname,),
+        module_type=type(owner).__name__,
+        shape=tuple(buf.shape),
+        dtype_before=buf.dtype,
+        dtype_after=buf.dtype,
+        requires_grad_before=False,
+        requires_grad_after=False,
+        bytes_before=nbytes,
+        bytes_after=nbytes,
+        quantized=True,
+    )
 
 
 def require_something_to_train(
@@ -401,30 +414,144 @@ def plan_fsdp(
     return notes, {**setting.to_dict(), **extras}
 
 
-def plan_input_grads_hooks(body: Anatomy, ckpt: Checkpointing, decl: Declarations) -> tuple[list[str], list[str]]:
-    """The input-require-grads hook checkpointing needs (transformers', kbitprep's, or one already there),
-    and a note where reentrant checkpointing has no input embeddings to hook."""
-    hooks: list[str] = []
-    notes: list[str] = []
+@dataclass(frozen=True)
+class InputGradsHooks:
+    """The input-require-grads hooks of a plan.
+
+    Attributes:
+        lines: what the plan shows (``Plan.hooks``), one line per hooked module or stack.
+        notes: notes for the plan (reentrant checkpointing with nothing to hook).
+        sites: qualified names of the modules kbitprep hooks itself (``Plan.input_grads_hooks``):
+            input embeddings (a forward hook) and checkpointed layers (a forward pre-hook).
+    """
+
+    lines: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    sites: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EmbeddingHook:
+    """One input-embedding module that carries an input-require-grads hook once prepared.
+
+    Attributes:
+        name: its qualified name.
+        module: the module.
+        by: ``"present"`` (already there), ``"transformers"`` (registered when checkpointing is
+            enabled) or ``"kbitprep"``.
+    """
+
+    name: str
+    module: nn.Module
+    by: str
+
+
+def plan_input_grads_hooks(
+    body: Anatomy, ckpt: Checkpointing, decl: Declarations, *, peft_compat: bool = False
+) -> InputGradsHooks:
+    """Every input-require-grads hook that reentrant checkpointing needs, so that every checkpointed
+    stack receives inputs that require grad: on input embeddings (:func:`plan_embedding_hooks`), and on the
+    layers of each stack no hooked embedding feeds (:func:`plan_stack_hooks`; a speech encoder, a vision
+    tower). A note where reentrant checkpointing has nothing to hook."""
     if ckpt.mode is CheckpointMode.OFF:
-        return hooks, notes
-    reentrant = ckpt.mode is CheckpointMode.REENTRANT
-    emb, emb_name, target = body.embeddings, body.embeddings_name, body.target
-    if emb is not None and count_input_grad_hooks(emb):
-        hooks.append(f"input-require-grads hook on {emb_name}: already present, not added again")
-    elif (
-        emb is not None
-        and target is not None
+        return InputGradsHooks()
+    embedding_hooks = plan_embedding_hooks(body, ckpt, decl, peft_compat=peft_compat)
+    stack_lines, stack_sites = plan_stack_hooks(body, ckpt, decl, embedding_hooks, peft_compat=peft_compat)
+    lines = [_embedding_hook_line(h) for h in embedding_hooks] + stack_lines
+    notes: list[str] = []
+    needs = ckpt.mode is CheckpointMode.REENTRANT and decl.input_grads_hook
+    if needs and not embedding_hooks and not stack_sites:
+        notes.append("reentrant checkpointing without input embeddings: gradients may not reach adapters")
+    sites = [h.name for h in embedding_hooks if h.by == "kbitprep"] + stack_sites
+    return InputGradsHooks(tuple(lines), tuple(notes), tuple(sites))
+
+
+def _embedding_hook_line(hook: EmbeddingHook) -> str:
+    if hook.by == "present":
+        return f"input-require-grads hook on {hook.name}: already present, not added again"
+    if hook.by == "transformers":
+        return f"input-require-grads hook on {hook.name} (registered by transformers with checkpointing)"
+    return f"input-require-grads hook on {hook.name} (kbitprep)"
+
+
+def plan_embedding_hooks(
+    body: Anatomy, ckpt: Checkpointing, decl: Declarations, *, peft_compat: bool = False
+) -> list[EmbeddingHook]:
+    """The input embeddings that carry an input-require-grads hook once prepared: one already there (on
+    the token embeddings or on a stack's input embeddings), transformers' (its ``enable_input_require_grads``
+    hooks the input embeddings of every sub-model when checkpointing is enabled on a model whose main input
+    is ``input_ids``), or kbitprep's where reentrant checkpointing needs one: on the token embeddings, or
+    with ``peft_compat`` where PEFT's function puts them (the input embeddings of every sub-model, as
+    transformers does)."""
+    if ckpt.mode is CheckpointMode.OFF:
+        return []
+    needs = ckpt.mode is CheckpointMode.REENTRANT and decl.input_grads_hook
+    target = body.target
+    by_transformers = (
+        target is not None
         and not ckpt.keep_existing
         and hasattr(type(target), "_activation_checkpointing_enable")
-        and (getattr(target, "main_input_name", "") == "input_ids")
-    ):
-        hooks.append(f"input-require-grads hook on {emb_name} (registered by transformers with checkpointing)")
-    elif emb is not None and reentrant and decl.input_grads_hook:
-        hooks.append(f"input-require-grads hook on {emb_name} (kbitprep)")
-    elif reentrant and decl.input_grads_hook:
-        notes.append("reentrant checkpointing without input embeddings: gradients may not reach adapters")
-    return hooks, notes
+        and (getattr(target, "main_input_name", "") == "input_ids" or getattr(target, "_hf_peft_config_loaded", False))
+    )
+    candidates = list(body.submodel_embeddings) if (by_transformers or peft_compat) else []
+    if body.embeddings is not None and all(m is not body.embeddings for _, m in candidates):
+        candidates.insert(0, (body.embeddings_name, body.embeddings))  # the token embeddings, always
+    listed = {id(m) for _, m in candidates}
+    for stack in body.stacks:  # a stack's input embeddings that already carry a hook (a user's): shown too
+        emb = stack.embeddings
+        if emb is not None and id(emb) not in listed and count_input_grad_hooks(emb):
+            candidates.append((stack.embeddings_name, emb))
+            listed.add(id(emb))
+    found: list[EmbeddingHook] = []
+    for name, mod in candidates:
+        if count_input_grad_hooks(mod):
+            found.append(EmbeddingHook(name, mod, "present"))
+        elif by_transformers:
+            found.append(EmbeddingHook(name, mod, "transformers"))
+        elif needs:
+            found.append(EmbeddingHook(name, mod, "kbitprep"))
+    return found
+
+
+def plan_stack_hooks(
+    body: Anatomy,
+    ckpt: Checkpointing,
+    decl: Declarations,
+    embedding_hooks: list[EmbeddingHook],
+    *,
+    peft_compat: bool = False,
+) -> tuple[list[str], list[str]]:
+    """Forward pre-hooks on the layers of every checkpointed stack whose input does not come through hooked
+    input embeddings (a Whisper or wav2vec2 encoder, a vision tower whose patch embedding nothing hooks):
+    with reentrant checkpointing, such a stack's parameters (LoRA included) would get no gradient. Each
+    pre-hook makes the layer's hidden-state input require grad. Returns the plan's lines and the layers'
+    qualified names. Nothing with ``peft_compat`` (PEFT hooks only input embeddings), with non-reentrant
+    checkpointing (which needs no hook), or when the backend declares no input hook is needed."""
+    if peft_compat or ckpt.mode is not CheckpointMode.REENTRANT or not decl.input_grads_hook:
+        return [], []
+    hooked = {id(h.module) for h in embedding_hooks}
+    lines: list[str] = []
+    sites: list[str] = []
+    for stack in body.stacks:
+        emb = stack.embeddings
+        if emb is not None and (id(emb) in hooked or count_input_grad_hooks(emb)):
+            continue  # fed through hooked embeddings (the token embeddings, or a tower's hooked patch embedding)
+        lines.append(_stack_hook_line(stack))
+        sites += [name for name, layer in stack.layers if not count_layer_input_hooks(layer)]
+    return lines, sites
+
+
+def _stack_hook_line(stack: Stack) -> str:
+    n = len(stack.layers)
+    origin = f"starts from {stack.main_input}" if stack.main_input else "does not start from hooked embeddings"
+    if stack.embeddings_name:
+        origin += f", through {stack.embeddings_name}, which carries no hook"
+    if all(count_layer_input_hooks(layer) for _, layer in stack.layers):
+        return f"input-require-grads pre-hooks on the checkpointed layers of {stack.name}: already present"
+    return (
+        f"input-require-grads pre-hook on {'each of ' if n > 1 else ''}the {n} checkpointed "
+        f"layer{'s' if n > 1 else ''} of {stack.name} ({stack.layer_class}): the stack {origin} (kbitprep)"
+    )
 
 
 def plan_use_cache_off(body: Anatomy, mode: CheckpointMode, *, peft_compat: bool) -> tuple[str, ...]:
@@ -432,6 +559,14 @@ def plan_use_cache_off(body: Anatomy, mode: CheckpointMode, *, peft_compat: bool
     if mode is CheckpointMode.OFF or peft_compat:
         return ()
     return tuple(type(c).__name__ for c in body.configs if getattr(c, "use_cache", None))
+
+
+def plan_master_weights(params: list[ParamPlan], *, peft_compat: bool) -> bool:
+    """Whether prepare installs fp32 master weights for parameters trained after prepare: wherever a
+    half-precision plain parameter stays half precision (the drop-in upcasts as PEFT does instead)."""
+    return not peft_compat and any(
+        not p.quantized and p.dtype_after in HALF_DTYPES and p.dtype_before in HALF_DTYPES for p in params
+    )
 
 
 def raise_backend_warnings(decls: list[Declarations]) -> tuple[str, ...]:

@@ -1,9 +1,11 @@
 """Architecture families x bitsandbytes 4-bit on the CPU: the properties kbitprep promises, on every head shape.
 
 Each family in ``tests/families.py`` (Llama with a tied head, Qwen2 untied, GPT-2's Conv1D, Mixtral
-MoE, T5 encoder-decoder, Bert and Llama sequence classification, LLaVA with a CLIP vision tower) is
-built tiny and random, saved once per module and reloaded with NF4 double-quant, bf16 compute. Every
-family goes through the same checks; the family x check table is printed at the end of the run:
+and Qwen2-MoE, T5 encoder-decoder, Bert and Llama sequence classification, LLaVA with a CLIP vision
+tower, Qwen2-VL with its own vision tower, Whisper speech-to-text, a CLIP + GPT-2 image-to-text
+encoder-decoder, wav2vec2 CTC) is built tiny and random, saved once per module and reloaded with NF4
+double-quant, bf16 compute. Every family goes through the same checks; the family x check table is
+printed at the end of the run:
 
 - ``backend``: kbitprep picks ``bnb-4bit`` and declares every ``Linear4bit`` weight as quantized storage.
 - ``lora-grads``: after ``kbitprep.prepare`` (the backend's default, reentrant checkpointing) and PEFT
@@ -13,6 +15,9 @@ family goes through the same checks; the family x check table is printed at the 
   because ``lora_B`` starts at zero. At step 1, after one update of ``lora_B``, every trainable tensor
   has a non-zero gradient.
 - ``grads-non-re``: the same with ``checkpointing="non_reentrant"``.
+- ``stack-inputs``: after ``kbitprep.prepare`` (reentrant), one training forward of the family's batch:
+  every checkpointed layer (of every stack: a text decoder, a speech encoder, a vision tower) receives
+  a hidden-state input that requires grad, and the plan's ``hooks`` name every stack kbitprep hooks.
 - ``storage``: the ``Params4bit`` bytes and quantization state (absmax, double-quant state) of every
   ``Linear4bit`` are bit-exact after prepare and after training.
 - ``undo``: prepare then undo gives back exactly the loaded model (:func:`kbitprep.testing.model_state`
@@ -22,9 +27,8 @@ family goes through the same checks; the family x check table is printed at the 
   ``prepare_model_for_kbit_training`` gives a second load of the same checkpoint.
 - ``verify``: ``prepare(verify=True)`` passes with kbitprep's default probe inputs.
 - ``verify-lora``: :func:`kbitprep.verify_gradient_flow` on the prepared, LoRA-wrapped model passes with
-  the family's training batch, and with kbitprep's default probe too, except where that probe (token
-  ids only) cannot reach every adapter (LLaVA's vision tower): there it raises GradientFlowError saying
-  which parameters the forward did not use and to pass inputs that exercise them.
+  the family's training batch, and with kbitprep's default probe too, which builds speech features,
+  waveforms and images (with their placeholder tokens) from the model's config.
 - ``use-cache``: after prepare, no config of the model (sub-configs and per-stack configs such as
   T5's decoder included) keeps ``use_cache=True``, which checkpointed training cannot use.
 - ``eval-first``: an eval-mode forward without grad before prepare (on CPUs with AVX512-BF16 it repacks
@@ -34,14 +38,14 @@ family goes through the same checks; the family x check table is printed at the 
   and its inverse re-quantizes them, so the scales cannot come back bit-exact).
 
 Families that need a deviation from the plain setup say why in ``tests/families.py`` (Bert keeps its
-``classifier`` unquantized; LLaVA uses ``vision_feature_layer=-1`` and a 64-wide vision tower).
+``classifier`` unquantized; LLaVA uses ``vision_feature_layer=-1`` and a 64-wide vision tower; Whisper,
+the image-to-text model and wav2vec2 use PEFT's plain ``PeftModel``; wav2vec2 turns LayerDrop off).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ from kbitprep._anatomy import model_configs
 from kbitprep.testing import model_state
 
 from .families import FAMILIES, Family
+from .reporting import ResultTable, outcome
 from .state import config_snapshot
 
 pytest.importorskip("bitsandbytes")
@@ -64,6 +69,7 @@ CHECKS = {
     "test_backend_is_bnb_4bit": "backend",
     "test_every_lora_tensor_gets_a_gradient": "lora-grads",
     "test_every_lora_tensor_gets_a_gradient_non_reentrant": "grads-non-re",
+    "test_every_stack_gets_inputs_that_require_grad": "stack-inputs",
     "test_quantized_storage_bit_exact": "storage",
     "test_undo_exact": "undo",
     "test_dropin_parity_with_peft": "peft-parity",
@@ -75,11 +81,19 @@ CHECKS = {
 
 
 # ---------------------------------------------------------------------------------------------- the table
-class _FamilyTable:
-    """Collects this module's outcomes (family x check) and prints them in pytest's terminal summary."""
+class _FamilyTable(ResultTable):
+    """This module's outcomes (family x check), printed in pytest's terminal summary."""
 
     def __init__(self) -> None:
-        self.cells: dict[str, dict[str, tuple[str, str]]] = defaultdict(dict)
+        super().__init__(
+            title="architecture families x check (bitsandbytes 4-bit NF4 on the CPU)",
+            row_header="family",
+            columns=list(CHECKS.values()),
+            col_width=13,
+            rows=[f.id for f in FAMILIES],
+            explain={"FAIL": "", "skip": ""},
+            footer=lambda: f"(this module's tests took {self.seconds:.1f} s in setup + call + teardown)",
+        )
         self.seconds = 0.0
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -87,37 +101,9 @@ class _FamilyTable:
             return
         self.seconds += report.duration
         name, _, param = report.nodeid.rpartition("::")[2].partition("[")
-        if name not in CHECKS or not param:
-            return
-        family, check = param.rstrip("]"), CHECKS[name]
-        if report.when == "call" or (report.when == "setup" and not report.passed):
-            if report.failed:
-                crash = getattr(report.longrepr, "reprcrash", None)
-                reason = str(getattr(crash, "message", "")).splitlines()[0] if crash else ""
-                self.cells[family][check] = ("FAIL", reason[:160])
-            elif report.skipped:
-                self.cells[family][check] = ("skip", str(report.longrepr)[-160:])
-            else:
-                self.cells[family][check] = ("pass", "")
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.cells:
-            return
-        tr = terminalreporter
-        tr.section("architecture families x check (bitsandbytes 4-bit NF4 on the CPU)")
-        cols = list(CHECKS.values())
-        width = max(len(f.id) for f in FAMILIES) + 2
-        tr.write_line("family".ljust(width) + "".join(c.ljust(13) for c in cols))
-        why: list[str] = []
-        for fam in FAMILIES:
-            row = self.cells.get(fam.id)
-            if not row:
-                continue
-            tr.write_line(fam.id.ljust(width) + "".join(row.get(c, ("-", ""))[0].ljust(13) for c in cols))
-            why += [f"  {fam.id} / {c}: {row[c][1]}" for c in cols if c in row and row[c][0] != "pass"]
-        for line in why:
-            tr.write_line(line)
-        tr.write_line(f"(this module's tests took {self.seconds:.1f} s in setup + call + teardown)")
+        cell = outcome(report, limit=160)
+        if name in CHECKS and param and cell is not None:
+            self.record(param.rstrip("]"), CHECKS[name], cell)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -323,6 +309,45 @@ def test_every_lora_tensor_gets_a_gradient_non_reentrant(saved: tuple[Family, Pa
     assert not problems, f"{len(problems)} gradient problems:\n" + "\n".join(problems[:12])
 
 
+def test_every_stack_gets_inputs_that_require_grad(saved: tuple[Family, Path], model: nn.Module) -> None:
+    """Prepare (reentrant): in one training forward, every checkpointed layer of every stack receives a
+    hidden-state input that requires grad (else nothing inside it trains), and the plan's hooks name every
+    stack whose layers got a hook."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    kbitprep.prepare(model)
+    plan = kbitprep.report(model).plan
+    assert plan.checkpointing is kbitprep.CheckpointMode.REENTRANT
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)}
+    assert layers, "no checkpointed layer: the check would prove nothing"
+    cold: dict[str, bool] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            first = args[0] if args else None
+            if isinstance(first, torch.Tensor) and first.is_floating_point():
+                cold.setdefault(name, not first.requires_grad)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    model.train()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(**saved[0].batch(model.config))
+    finally:
+        for h in handles:
+            h.remove()
+    assert cold, "the batch ran no checkpointed layer"
+    assert not any(cold.values()), (
+        f"layers whose input does not require grad: {sorted(n for n, c in cold.items() if c)}"
+    )
+    hooked = {n.rpartition(".")[0] for n, layer in layers.items() if layer._forward_pre_hooks}
+    unnamed = sorted(name for name in hooked if not any(name in line for line in plan.hooks))
+    assert not unnamed, f"stacks hooked without a line in plan.hooks: {unnamed}; hooks: {plan.hooks}"
+
+
 def test_quantized_storage_bit_exact(saved: tuple[Family, Path], model: nn.Module) -> None:
     """The Params4bit bytes and quant state of every Linear4bit: untouched by prepare and by two LoRA steps."""
     layers = _linear4bit(model)
@@ -360,9 +385,9 @@ def test_dropin_parity_with_peft(saved: tuple[Family, Path], model: nn.Module) -
     gc_a = {n: getattr(m, "gradient_checkpointing", None) for n, m in theirs.named_modules()}
     gc_b = {n: getattr(m, "gradient_checkpointing", None) for n, m in model.named_modules()}
     assert gc_a == gc_b
-    hooked_a = {n for n, m in theirs.named_modules() if isinstance(m, nn.Embedding | nn.Conv2d) and m._forward_hooks}
-    hooked_b = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding | nn.Conv2d) and m._forward_hooks}
-    assert hooked_a == hooked_b, "input-require-grads hooks sit on other modules"
+    hooked_a = {n for n, m in theirs.named_modules() if m._forward_hooks or m._forward_pre_hooks}
+    hooked_b = {n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks}
+    assert hooked_a == hooked_b, f"hooks sit on other modules (PEFT, kbitprep): {hooked_a ^ hooked_b}"
     cache_a = [getattr(c, "use_cache", None) for c in model_configs(theirs)]
     cache_b = [getattr(c, "use_cache", None) for c in model_configs(model)]
     assert cache_a == cache_b, "the drop-in leaves use_cache as PEFT does (it is prepare() that turns it off)"
@@ -392,12 +417,8 @@ def test_verify_gradient_flow_with_adapters(saved: tuple[Family, Path], model: n
     result = kbitprep.verify_gradient_flow(peft_model, inputs=family.batch(model.config))
     lora = sum("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
     assert result.ok and result.checked == result.with_grad and result.checked >= lora > 0
-    if family.text_only_probe:
-        with pytest.raises(kbitprep.GradientFlowError, match="pass inputs that exercise them"):
-            kbitprep.verify_gradient_flow(peft_model)
-    else:
-        result = kbitprep.verify_gradient_flow(peft_model)
-        assert result.ok and result.checked >= lora
+    result = kbitprep.verify_gradient_flow(peft_model)
+    assert result.ok and result.checked >= lora
 
 
 def test_use_cache_off_everywhere(model: nn.Module) -> None:
@@ -424,7 +445,7 @@ def test_eval_forward_before_prepare(saved: tuple[Family, Path], model: nn.Modul
     weights = _dequantized(layers)
     model.eval()
     with torch.no_grad():
-        model(**{k: v for k, v in family.batch(model.config).items() if k != "labels"} | _decoder_inputs(family))
+        model(**{k: v for k, v in family.batch(model.config).items() if k != "labels"} | _decoder_inputs(model))
     if has_avx512bf16():  # type: ignore[no-untyped-call]  # the path this check is about was taken
         assert any(s["packed_for_cpu"] for s in _storage(layers).values()), "the eval forward repacked nothing"
     kbitprep.prepare(model)
@@ -440,7 +461,8 @@ def test_eval_forward_before_prepare(saved: tuple[Family, Path], model: nn.Modul
     assert not problems, f"{len(problems)} gradient problems:\n" + "\n".join(problems[:12])
 
 
-def _decoder_inputs(family: Family) -> dict[str, torch.Tensor]:
-    if family.task_type == "SEQ_2_SEQ_LM":
+def _decoder_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Decoder inputs for an eval forward without labels (which encoder-decoder models shift into them)."""
+    if getattr(model.config, "is_encoder_decoder", False):
         return {"decoder_input_ids": torch.zeros(2, 4, dtype=torch.long)}
     return {}

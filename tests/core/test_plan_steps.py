@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
 from kbitprep._anatomy import anatomy
 from kbitprep._fsdp import detect_fsdp
 from kbitprep._planning import (
+    InputGradsHooks,
     merge_declarations,
     mixed_precision_notes,
     plan_checkpointing,
+    plan_embedding_hooks,
     plan_input_grads_hooks,
     plan_parameters,
+    plan_stack_hooks,
     plan_use_cache_off,
     raise_backend_warnings,
     resolve_choices,
@@ -22,6 +26,7 @@ from kbitprep._tensors import iter_unique_parameters
 from kbitprep.errors import BackendWarning
 from kbitprep.plugin import CheckpointMode, Declarations
 
+from ..families import FAMILIES
 from ..tiny import tiny_llama
 
 NO_FSDP = detect_fsdp(False)
@@ -94,12 +99,14 @@ def test_hooks_and_use_cache_follow_the_checkpointing_mode() -> None:
     decl = Declarations()
     body = anatomy(model)
     on = plan_checkpointing(model, body, _choices(decl), decl, True, None, peft_compat=False)
-    hooks, notes = plan_input_grads_hooks(body, on, decl)
-    assert hooks == ["input-require-grads hook on model.embed_tokens (registered by transformers with checkpointing)"]
-    assert not notes
+    hooks = plan_input_grads_hooks(body, on, decl)
+    assert hooks.lines == (
+        "input-require-grads hook on model.embed_tokens (registered by transformers with checkpointing)",
+    )
+    assert not hooks.notes and not hooks.sites  # transformers registers it: kbitprep adds nothing
     assert plan_use_cache_off(body, on.mode, peft_compat=False) == ("LlamaConfig",)
     off = plan_checkpointing(model, body, _choices(decl, checkpointing=False), decl, False, None, peft_compat=False)
-    assert plan_input_grads_hooks(body, off, decl) == ([], [])
+    assert plan_input_grads_hooks(body, off, decl) == InputGradsHooks()
     assert plan_use_cache_off(body, off.mode, peft_compat=False) == ()
     assert plan_use_cache_off(body, on.mode, peft_compat=True) == ()  # the drop-in leaves use_cache alone
 
@@ -110,3 +117,52 @@ def test_backend_warnings_are_raised_once_each() -> None:
         found = raise_backend_warnings([Declarations(warnings=("converted nothing",)), Declarations()])
     assert found == ("converted nothing",)
     assert [str(w.message) for w in caught if w.category is BackendWarning] == ["kbitprep: converted nothing"]
+
+
+def _whisper() -> Any:
+    """The whisper-speech family's tiny model (bf16, random, not quantized)."""
+    return next(f for f in FAMILIES if f.id == "whisper-speech").build()
+
+
+def test_a_stack_that_does_not_start_from_the_token_embeddings_gets_pre_hooks_on_its_layers() -> None:
+    """Regression (issue 17): Whisper's encoder starts from input_features, and only the decoder's token
+    embeddings were hooked, so with reentrant checkpointing no encoder parameter got a gradient. The plan now
+    hooks the encoder's checkpointed layers and says so; the decoder stays fed by its hooked embeddings."""
+    model = _whisper()
+    body = anatomy(model)
+    assert [s.name for s in body.stacks] == ["model.encoder.layers", "model.decoder.layers"]
+    assert body.stacks[0].main_input == "input_features" and body.stacks[1].embeddings is body.embeddings
+    decl = Declarations()
+    reentrant = plan_checkpointing(model, body, _choices(decl), decl, True, None, peft_compat=False)
+    assert reentrant.mode is CheckpointMode.REENTRANT
+    hooks = plan_input_grads_hooks(body, reentrant, decl)
+    encoder_layers = tuple(name for name, _ in body.stacks[0].layers)
+    assert hooks.sites == (body.embeddings_name, *encoder_layers)
+    (line,) = [h for h in hooks.lines if "pre-hook" in h]
+    assert "model.encoder.layers" in line and "input_features" in line and line.endswith("(kbitprep)")
+    asked = _choices(decl, checkpointing="non_reentrant")
+    non_reentrant = plan_checkpointing(model, body, asked, decl, "non_reentrant", None, peft_compat=False)
+    assert plan_stack_hooks(body, non_reentrant, decl, []) == ([], [])  # nothing needs a hook
+    no_hook = Declarations(input_grads_hook=False)
+    assert plan_stack_hooks(body, reentrant, no_hook, []) == ([], [])
+    model.enable_input_require_grads()  # hooks already there, the encoder's conv1 among them: kept, not doubled
+    hooked = anatomy(model)
+    present = plan_input_grads_hooks(hooked, reentrant, decl)
+    assert present.sites == () and all("already present" in h for h in present.lines)
+    assert any("model.encoder.conv1" in h for h in present.lines)
+
+
+def test_the_drop_in_hooks_what_peft_hooks_every_sub_model_input_embedding() -> None:
+    """Regression: PEFT's function calls transformers' enable_input_require_grads, which hooks the input
+    embeddings of every sub-model (Whisper: the decoder's embed_tokens and the encoder's conv1); the drop-in
+    hooked only the token embeddings. It adds no layer pre-hooks (PEFT does not)."""
+    model = _whisper()
+    body = anatomy(model)
+    decl = Declarations()
+    reentrant = plan_checkpointing(model, body, _choices(decl), decl, True, None, peft_compat=True)
+    peft = plan_input_grads_hooks(body, reentrant, decl, peft_compat=True)
+    twin = _whisper()
+    twin.enable_input_require_grads()
+    assert set(peft.sites) == {name for name, mod in twin.named_modules() if mod._forward_hooks}
+    assert all(h.by == "kbitprep" for h in plan_embedding_hooks(body, reentrant, decl, peft_compat=True))
+    assert not [h for h in peft.lines if "pre-hook" in h]
