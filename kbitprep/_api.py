@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from torch import nn
@@ -168,6 +169,9 @@ def prepare(
     """
     _check_module(model)
     _reject_unknown("prepare", unknown, _PREPARE_KEYWORDS)
+    for name, value in (("verify", verify), ("allow_mismatch", allow_mismatch)):
+        if not isinstance(value, bool):
+            raise InvalidPolicyError(f"prepare({name}=...) takes True or False, got {value!r}")
     if plan is not None and not isinstance(plan, Plan):
         raise InvalidPolicyError(f"plan= takes a kbitprep.Plan made by kbitprep.plan(model), got {type(plan).__name__}")
     options: dict[str, Any] = {
@@ -196,10 +200,18 @@ def prepare(
             apply_plan(model, plan)
         if verify:
             try:
-                verify_gradient_flow(model)
+                flow = verify_gradient_flow(model)
             except BaseException:
                 _undo(model)
                 raise
+            prepared = prepared_state(model)
+            if prepared is not None:  # the report shows the check wherever it ran
+                zero = f"; {len(flow.zero_grad)} exactly zero (lora_A at step 0)" if flow.zero_grad else ""
+                prepared.report = replace(
+                    prepared.report,
+                    gradient_flow=f"passed - {flow.with_grad} of {flow.checked} trainable parameters got a gradient"
+                    + zero,
+                )
     return model
 
 

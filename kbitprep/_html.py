@@ -80,4 +80,5 @@ def report_html(report: ReportView) -> str:
     """The report: the applied plan's table and the steps that ran."""
     steps = "".join(f"<li>{escape(s)}</li>" for s in report.steps)
     body = plan_html(report.plan, f"kbitprep report for {report.plan.model_type}")
-    return f"{body}<div>steps ({report.seconds * 1000:.1f} ms):<ol>{steps}</ol></div>"
+    flow = f"<div>gradient flow: {escape(report.gradient_flow)}</div>" if report.gradient_flow else ""
+    return f"{body}<div>steps ({report.seconds * 1000:.1f} ms):<ol>{steps}</ol></div>{flow}"

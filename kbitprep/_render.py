@@ -97,6 +97,8 @@ class ReportView(Protocol):
     def steps(self) -> Sequence[str]: ...
     @property
     def hooks_added(self) -> Sequence[str]: ...
+    @property
+    def gradient_flow(self) -> str: ...
 
 
 def format_bytes(n: float) -> str:
@@ -191,4 +193,6 @@ def render_report(report: ReportView) -> str:
     lines += [f"  - {s}" for s in report.steps]
     for h in report.hooks_added:
         lines.append(f"  - hook added: {h}")
+    if report.gradient_flow:
+        lines.append(f"gradient flow  : {report.gradient_flow}")
     return "\n".join(lines)

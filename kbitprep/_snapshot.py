@@ -21,7 +21,26 @@ from ._anatomy import model_configs
 
 __all__ = ["Changes", "Snapshot"]
 
-_MISSING: Any = object()
+
+class _Missing:
+    """The absence of an attribute before or after a change. One object, also through ``copy.deepcopy``
+    and pickling: a copied model's record of changes (``copy.deepcopy`` of a prepared model) must still
+    tell "there was no such attribute" from a value, or its undo would set a placeholder in its place."""
+
+    def __copy__(self) -> _Missing:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Missing:
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"  # unpickled as this module's _MISSING
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
 
 
 def _container_copy(value: Any) -> dict[Any, Any] | None:

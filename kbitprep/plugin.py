@@ -39,6 +39,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .errors import PluginContractError
+
 __all__ = [
     "FLOAT_DTYPES",
     "HALF_DTYPES",
@@ -101,9 +103,9 @@ class Detection:
 
     def __post_init__(self) -> None:
         if isinstance(self.evidence, str) or not all(isinstance(e, str) for e in self.evidence):
-            raise TypeError("Detection.evidence must be a tuple of strings")
+            raise PluginContractError("Detection.evidence must be a tuple of strings")
         if isinstance(self.modules, str) or not all(isinstance(m, str) for m in self.modules):
-            raise TypeError("Detection.modules must be a tuple of module names")
+            raise PluginContractError("Detection.modules must be a tuple of module names")
 
 
 @dataclass(frozen=True)

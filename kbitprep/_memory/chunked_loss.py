@@ -194,35 +194,89 @@ def chunked_token_stats(
     if chunk_tokens <= 0:
         raise InvalidPolicyError(f"chunk_tokens must be positive, got {chunk_tokens}")
     wanted = ("log_probs", *(k for k in TOKEN_STATS[1:] if k in outputs))
-    with_entropy = "entropy" in wanted
-
-    def chunk_stats(hc: torch.Tensor, yc: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if fp32_head:
-            with torch.autocast(hc.device.type, enabled=False):
-                out = head(hc.float())
-        else:
-            out = head(hc)
-        z = (transform(out) if transform is not None else out).float() / temperature
-        log_p = F.log_softmax(z, dim=-1)
-        y = yc.to(z.device)
-        lp = log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        found = [lp]
-        if with_entropy:
-            found.append(-(log_p.exp() * log_p).sum(-1))
-        with torch.no_grad():
-            if "log_sum_sq_probs" in wanted:
-                found.append(torch.logsumexp(2 * log_p, dim=-1))
-            if "mean_logits" in wanted:
-                found.append(z.mean(-1))
-            if "is_top1" in wanted:
-                found.append(z.argmax(-1) == y)
-        return tuple(found)
-
+    setup = _ChunkSetup(head, transform, temperature, fp32_head, wanted)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         hc, yc = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        parts.append(checkpoint(chunk_stats, hc, yc, use_reentrant=False))
+        parts.append(_ChunkStats.apply(hc, yc, setup))
     if not parts:  # nothing counted: empty results, still part of the graph
         empty = hidden[:0].sum(-1).float()
         return {k: (empty.bool() if k == "is_top1" else empty) for k in wanted}
     return {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(wanted)}
+
+
+@dataclass(frozen=True)
+class _ChunkSetup:
+    head: Callable[[torch.Tensor], torch.Tensor]
+    transform: HeadTransform | None
+    temperature: float
+    fp32_head: bool
+    wanted: tuple[str, ...]
+
+    def logits(self, hc: torch.Tensor) -> torch.Tensor:
+        """The chunk's fp32 logits, transformed and divided by the temperature."""
+        if self.fp32_head:
+            with torch.autocast(hc.device.type, enabled=False):
+                out = self.head(hc.float())
+        else:
+            out = self.head(hc)
+        return (self.transform(out) if self.transform is not None else out).float() / self.temperature
+
+
+class _ChunkStats(torch.autograd.Function):
+    """One chunk's per-token statistics with a hand-written backward, so that only one chunk's logits
+    (and their softmax) exist at a time: the forward keeps the per-token log-normalisers, the backward
+    recomputes the chunk's logits through the head, forms their gradient from the softmax in place
+    (``d log p_y / dz = onehot(y) - p``; ``d H / dz = -p (log p + H)``) and sends it back through the
+    head (its trainable parameters get their gradients there, as with reentrant checkpointing)."""
+
+    @staticmethod
+    def forward(ctx: Any, hc: torch.Tensor, yc: torch.Tensor, setup: _ChunkSetup) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        device = hc.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        z = setup.logits(hc)
+        y = yc.to(z.device)
+        lse = torch.logsumexp(z, dim=-1)
+        found = [z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse]
+        entropy = None
+        if "entropy" in setup.wanted:
+            p = (z - lse.unsqueeze(-1)).exp_()
+            entropy = lse - (p.mul_(z)).sum(-1)
+            del p
+            found.append(entropy)
+        if "log_sum_sq_probs" in setup.wanted:
+            found.append(torch.logsumexp(2 * z, dim=-1) - 2 * lse)
+        if "mean_logits" in setup.wanted:
+            found.append(z.mean(-1))
+        if "is_top1" in setup.wanted:
+            found.append(z.argmax(-1) == y)
+        ctx.setup = setup
+        ctx.save_for_backward(hc, y, lse, lse if entropy is None else entropy)
+        ctx.mark_non_differentiable(*found[2 if entropy is not None else 1 :])
+        return tuple(found)
+
+    @staticmethod
+    def backward(ctx: Any, grad_lp: torch.Tensor | None, *grads: torch.Tensor | None) -> Any:  # type: ignore[override]
+        hc, y, lse, entropy = ctx.saved_tensors
+        setup: _ChunkSetup = ctx.setup
+        grad_ent = grads[0] if "entropy" in setup.wanted and grads else None
+        if grad_lp is None and grad_ent is None:
+            return None, None, None
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(hc.device.type, dtype=dtype, enabled=enabled):
+            h = hc.detach().requires_grad_(hc.requires_grad)
+            z = setup.logits(h)
+        with torch.no_grad():
+            log_p = z.detach() - lse.unsqueeze(-1)
+            p = log_p.exp()
+            term = log_p.add_(entropy.unsqueeze(-1)).mul_(p) if grad_ent is not None else None  # p (log p + H)
+            g = p.mul_(-grad_lp.unsqueeze(-1)) if grad_lp is not None else p.zero_()
+            if grad_lp is not None:
+                g.scatter_add_(-1, y.unsqueeze(-1), grad_lp.unsqueeze(-1).to(g.dtype))
+            if term is not None and grad_ent is not None:
+                g.sub_(term.mul_(grad_ent.unsqueeze(-1)))
+            del term, log_p
+        if z.requires_grad:
+            torch.autograd.backward(z, g)
+        return (h.grad if hc.requires_grad else None), None, None

@@ -300,6 +300,8 @@ def _check_modules(
         allowed = {attr for (mod, attr) in effects.attrs if mod == name}
         if checkpointing:
             allowed |= CHECKPOINT_HANDLES | (CHECKPOINT_FLAGS if name in flagged else set())
+        if plan.use_cache_off:
+            allowed |= {"save_pretrained"}  # saves write the loaded use_cache (kbitprep._saving)
         assert changed <= allowed, f"module {name or '<root>'}: {sorted(changed - allowed)} changed, not in the plan"
     added: list[str] = []
     for name, dicts in before["hook_objects"].items():
@@ -307,7 +309,9 @@ def _check_modules(
             now = after["hook_objects"][name][kind]
             assert now[: len(hooks)] == hooks, f"prepare removed or replaced {kind} of {name or '<root>'}"
             extra = len(now) - len(hooks)
-            if kind != "_forward_hooks":
+            if kind == "_forward_pre_hooks" and name == "" and plan.master_weights:
+                assert extra == 1, f"prepare added {extra} pre-hooks to the root; the plan announced master weights"
+            elif kind != "_forward_hooks":
                 assert not extra, f"prepare added {kind} to {name or '<root>'}"
             elif name in effects.hooks:
                 assert extra == 1, f"the hook fix-up added {extra} hooks to {name}"
