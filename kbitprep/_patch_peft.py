@@ -20,7 +20,7 @@ from torch import nn
 
 from ._api import _PREPARE_KEYWORDS, prepare, prepare_model_for_kbit_training
 from ._mutation import prepared_state
-from .errors import BackendUnavailableError, InvalidPolicyError
+from .errors import BackendUnavailableError, InvalidPolicyError, KbitprepError
 
 __all__ = ["PeftPatch", "patch_peft"]
 
@@ -45,7 +45,16 @@ def _original_of(func: object) -> Callable[..., Any] | None:
 
 
 def _modules() -> list[tuple[str, types.ModuleType]]:
-    return [(n, m) for n, m in list(sys.modules.items()) if isinstance(m, types.ModuleType)]
+    """Every module in ``sys.modules`` once, under its own name where it has several: multiprocessing
+    registers a script's ``__main__`` again as ``__mp_main__``, and a name bound there is one binding."""
+    named: dict[int, tuple[str, types.ModuleType]] = {}
+    for name, module in list(sys.modules.items()):
+        if not isinstance(module, types.ModuleType):
+            continue
+        seen = named.get(id(module))
+        if seen is None or (name == getattr(module, "__name__", None) and seen[0] != name):
+            named[id(module)] = (name, module)
+    return list(named.values())
 
 
 def _bindings(targets: Mapping[int, Callable[..., Any]]) -> list[tuple[str, types.ModuleType, str, Any]]:
@@ -176,11 +185,57 @@ def _check_policy(policy: object) -> str | dict[str, Any]:
                 f"patch_peft(policy=...): unknown keyword(s) {', '.join(unknown)}; "
                 f"valid keywords of kbitprep.prepare here: {', '.join(POLICY_KEYWORDS)}"
             )
-        return dict(policy)
+        keywords = dict(policy)
+        try:
+            _check_values(keywords)
+        except KbitprepError as exc:  # the same class, said as the switch's error
+            raise type(exc)(f"patch_peft(policy=...): {exc}; nothing was patched") from None
+        return keywords
     raise InvalidPolicyError(
         f"patch_peft(policy=...) takes None, 'kbitprep', 'peft' or a mapping of kbitprep.prepare keywords, "
         f"got {type(policy).__name__}"
     )
+
+
+def _check_values(keywords: Mapping[str, Any]) -> None:
+    """Check every value of a policy mapping that does not depend on the model, as :func:`kbitprep.prepare`
+    would when the stack calls it: upcast and checkpointing choices, checkpointing keywords, memory modes,
+    ``fsdp``, the flags, the registry and the backend (registered, its packages importable).
+
+    What depends on the model (whether the backend recognises it, allows the upcast or supports the mode)
+    is checked by the routed call.
+
+    Raises:
+        InvalidPolicyError: a value kbitprep does not know.
+        UnknownBackendError: ``backend`` names no registered backend.
+        BackendUnavailableError: the backend's packages cannot be imported.
+    """
+    from ._fsdp import detect_fsdp
+    from ._memory import resolve_memory
+    from ._policies import resolve_checkpointing, resolve_upcast, validate_checkpointing_kwargs
+    from ._registry import Registry, default_registry
+    from .plugin import Declarations
+
+    anything = Declarations()  # allows every upcast and mode: only the values themselves are checked here
+    resolve_upcast(keywords.get("upcast"), anything)
+    resolve_checkpointing(keywords.get("checkpointing", True), anything)
+    validate_checkpointing_kwargs(keywords.get("checkpointing_kwargs"))
+    resolve_memory(keywords.get("memory"))
+    detect_fsdp(keywords.get("fsdp"), environ={})
+    for flag in ("allow_mismatch", "verify"):
+        if not isinstance(keywords.get(flag, False), bool):
+            raise InvalidPolicyError(f"{flag}={keywords[flag]!r} must be True or False")
+    if keywords.get("strict") not in (None, True, False):
+        raise InvalidPolicyError(f"strict={keywords['strict']!r} must be None, True or False")
+    registry = keywords.get("registry")
+    if registry is not None and not isinstance(registry, Registry):
+        raise InvalidPolicyError(f"registry= takes a kbitprep.Registry, got {type(registry).__name__}")
+    backend = keywords.get("backend")
+    if backend is not None:
+        if not isinstance(backend, str):
+            raise InvalidPolicyError(f"backend={backend!r} must be a backend name (a string) or None")
+        reg = registry or default_registry()
+        reg.ensure_available(reg.get(backend))
 
 
 class PeftPatch:
@@ -291,9 +346,17 @@ def patch_peft(policy: str | Mapping[str, Any] | None = None) -> PeftPatch:
     Returns:
         The active :class:`PeftPatch`; ``.patched`` lists the ``"module.name"`` strings it routes.
 
+    The whole policy is checked when the switch is made, not when the stack first calls PEFT's
+    function: an unknown name, keyword or value (``{"memory": "lowset"}``, ``{"upcast": "everything"}``,
+    a backend that is not registered) raises here and patches nothing. What depends on the model
+    (whether the backend recognises it, allows the upcast, supports the mode) is checked by each
+    routed call, as :func:`kbitprep.prepare` checks it.
+
     Raises:
-        InvalidPolicyError: an unknown policy name or keyword; nothing was patched.
-        BackendUnavailableError: peft cannot be imported; nothing was patched.
+        InvalidPolicyError: an unknown policy name, keyword or value; nothing was patched.
+        UnknownBackendError: the policy's ``backend`` is not registered; nothing was patched.
+        BackendUnavailableError: peft, or the policy's backend's packages, cannot be imported; nothing
+            was patched.
 
     Example:
         ```python

@@ -69,7 +69,10 @@ class UnknownBackendError(KbitprepError, LookupError):
 
 
 class BackendUnavailableError(KbitprepError, ImportError):
-    """A backend's packages are not importable. The message carries the install hint."""
+    """A package that is needed cannot be imported: a backend's library, peft for
+    :func:`kbitprep.patch_peft`, or an optional package the model's transformers code needs (timm,
+    for instance) when a model is built from its config. The message names the package and carries
+    the install hint."""
 
 
 class BackendConflictError(KbitprepError, RuntimeError):

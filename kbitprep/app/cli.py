@@ -6,7 +6,8 @@ Commands::
     kbitprep backends  [--json]
     kbitprep plan PATH [--quantization SCHEME] [--backend NAME [--allow-mismatch]] [--upcast ...]
                        [--checkpointing on|off|reentrant|non_reentrant] [--json]
-    kbitprep plan --config config.json [--quantization SCHEME] [--dtype ...] [--json]
+    kbitprep plan --config config.json|HUB_ID [--quantization SCHEME] [--dtype ...] [--json]
+    kbitprep estimate --config config.json|HUB_ID [--gpu-memory 24GiB] [...] [--json]
 
 ``--debug`` and ``--json`` may come before or after the command. Without ``--debug`` the command
 prints only kbitprep's own words: what libraries print on stdout (gptqmodel's banner) is discarded,
@@ -29,9 +30,13 @@ Every object has ``"command"`` and ``"kbitprep_version"``. Byte figures are inte
 bytes, each tied parameter once); a "plan" object is :meth:`kbitprep.Plan.to_dict` with
 ``params=False``: ``model_type, backend, backends, distributions, evidence, forced, trainable,
 not_trainable_reason, upcast_policy, checkpointing, checkpointing_note, checkpointing_kwargs,
-hooks, fixups, notes, totals{params, frozen, upcast, quantized, bytes_before, bytes_after,
-byte_delta}, by_module_type{<class>: {params, frozen, upcast, quantized, bytes_before,
+hooks, fixups, notes, warnings, use_cache_off, totals{params, frozen, upcast, quantized, bytes_before,
+bytes_after, byte_delta}, by_module_type{<class>: {params, frozen, upcast, quantized, bytes_before,
 bytes_after}}, extras``.
+
+``--config`` takes a ``config.json``, its folder, or a Hugging Face Hub model id, of which only
+``config.json`` is fetched (through ``huggingface_hub``: its cache, ``HF_HUB_OFFLINE`` and token). ``-v``
+logs what ``plan`` decided (INFO), ``-vv`` the backend choice too (DEBUG).
 
 ``demo``:
     ``backend, distribution, evidence[], quantization`` (scheme name);
@@ -402,7 +407,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     if saved > 0:
         lines.append(
             f"kbitprep keeps {style.bold(format_bytes(saved))} less than PEFT's "
-            f"prepare_model_for_kbit_training ({_percent(saved, peft.bytes_after)} of its parameter memory)"
+            f"prepare_model_for_kbit_training ({_percent(saved, peft.bytes_after)} less parameter memory)"
         )
     elif saved == 0:
         lines.append("the same parameter memory as PEFT's prepare_model_for_kbit_training")
@@ -502,7 +507,15 @@ _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin
 
 def _checkpoint_dir(path: Path) -> Path:
     if not path.exists():
-        raise UserError(f"no such file or directory: {path}")
+        from .metaplan import is_hub_id
+
+        hint = ""
+        if "/" in str(path) and is_hub_id(str(path)):  # org/name: a plain missing name is more likely a typo
+            hint = (
+                f"; PATH is a local checkpoint: to plan the hub model {path} from its config alone (no weights), "
+                f"pass --config {path}"
+            )
+        raise UserError(f"no such file or directory: {path}{hint}")
     if path.is_file():
         if path.suffix == ".json":
             raise UserError(f"{path} is a file; to plan from a config without weights, pass --config {path}")
@@ -561,6 +574,36 @@ def _versus_peft(plan: Any, peft: Any) -> dict[str, Any]:
         "saved_bytes": saved,
         "saved_fraction": saved / peft.bytes_after if peft.bytes_after else 0.0,
     }
+
+
+def _log_plan(plan: Any, peft: Any, source: dict[str, Any]) -> None:
+    """What the plan decided, at INFO on the ``kbitprep`` logger (``-v``), as prepare logs what it did."""
+    from .._render import format_bytes
+
+    log = logging.getLogger("kbitprep.plan")
+    if not log.isEnabledFor(logging.INFO):
+        return
+    model = plan.model_type.rsplit(".", 1)[-1]
+    log.info(
+        "plan for %s (%s %s): backend %s%s; upcast policy %s (%d parameters to fp32); checkpointing %s (%s); "
+        "%d parameters to freeze, %d quantized",
+        model,
+        source["mode"],
+        source["path"],
+        plan.backend,
+        " (forced)" if plan.forced else "",
+        plan.upcast_policy,
+        len(plan.to_upcast),
+        plan.checkpointing.value,
+        plan.checkpointing_note,
+        len(plan.to_freeze),
+        len(plan.quantized),
+    )
+    log.info(
+        "parameter bytes after prepare: kbitprep %s, PEFT's prepare_model_for_kbit_training %s",
+        format_bytes(plan.bytes_after),
+        format_bytes(peft.bytes_after),
+    )
 
 
 def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
@@ -639,6 +682,7 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype.is_floating_point})
         source = {"mode": "checkpoint", "path": str(path), "quantization": scheme_name, "dtype": ",".join(dtypes)}
     vs = _versus_peft(plan, peft)
+    _log_plan(plan, peft, source)
     if args.json:
         emit_json(
             {
@@ -679,8 +723,8 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     saved = vs["saved_bytes"]
     if saved > 0:
         lines.append(
-            f"kbitprep keeps {style.bold(format_bytes(saved))} less ({_percent(saved, peft.bytes_after)} of "
-            "PEFT's parameter memory)"
+            f"kbitprep keeps {style.bold(format_bytes(saved))} less ({_percent(saved, peft.bytes_after)} less than "
+            "PEFT's)"
         )
     elif saved < 0:
         lines.append(f"kbitprep keeps {format_bytes(-saved)} more (upcast policy {plan.upcast_policy})")
@@ -777,7 +821,11 @@ def build_parser(debug: bool = False) -> argparse.ArgumentParser:
         "meta device: no weights are allocated), against PEFT's function.",
     )
     plan.add_argument("path", nargs="?", help="a local checkpoint folder (config.json and weights)")
-    plan.add_argument("--config", help="plan from this config.json on the meta device instead of loading weights")
+    plan.add_argument(
+        "--config",
+        help="plan from this config.json (or its folder, or a Hugging Face Hub model id: only its config.json is "
+        "fetched) on the meta device instead of loading weights",
+    )
     plan.add_argument(
         "--quantization",
         type=_scheme_type(debug),

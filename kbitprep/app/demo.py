@@ -34,10 +34,10 @@ from .._api import plan as kbit_plan
 from .._api import prepare as kbit_prepare
 from .._gradflow import GradientFlowResult, verify_gradient_flow
 from .._mutation import Report
-from .._planning import Plan
+from .._plan_types import Plan
 from .._policies import UpcastPolicy
 from .._registry import Registry, default_registry
-from ..errors import BackendUnavailableError, KbitprepError, UnknownBackendError
+from ..errors import BackendUnavailableError, NotAModuleError, UnknownBackendError
 from ..plugin import missing_packages
 from .metaplan import SCHEMES, PlannedScheme, model_class, peft_plan
 
@@ -150,6 +150,9 @@ def load_checkpoint(
 
     A checkpoint saved already quantized (its config has a ``quantization_config``) loads with it
     when ``scheme`` is ``"none"``. ``dtype`` is the float dtype (default: the checkpoint's).
+
+    Raises:
+        NotAModuleError: the checkpoint's class does not load as a ``torch.nn.Module``.
     """
     if isinstance(scheme, str):
         scheme = SCHEMES[scheme]
@@ -165,7 +168,10 @@ def load_checkpoint(
     if scheme.quantize is not None:  # a scheme transformers cannot load: quantize the loaded model
         model = scheme.quantize(model, dtype or torch.bfloat16)
     if not isinstance(model, nn.Module):
-        raise KbitprepError(f"loading {path} gave {type(model).__name__}, not a model")
+        raise NotAModuleError(
+            f"loading {path} gave a {type(model).__name__}, not a torch.nn.Module: its config.json does not describe "
+            "a model class kbitprep can prepare"
+        )
     return model
 
 

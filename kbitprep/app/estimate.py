@@ -22,12 +22,14 @@ adapter state stay, everything else grows with the tokens per step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import logging
 import re
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,6 +49,7 @@ __all__ = [
     "Variant",
     "add_estimate_parser",
     "estimate",
+    "format_gpu_memory",
     "parse_bytes",
     "run_estimate",
 ]
@@ -102,7 +105,8 @@ def _standard_variant(name: str, upcast: str | None, checkpointing: bool | str |
     if name in ("chunked_head", "offload", "lowest"):
         return Variant(name, upcast=upcast, checkpointing=checkpointing, memory=name)
     raise InvalidPolicyError(
-        f"unknown estimate variant {name!r}; choose from {', '.join(DEFAULT_VARIANTS)} or pass a kbitprep.Variant"
+        f"unknown estimate variant {name!r}; choose from {', '.join(DEFAULT_VARIANTS)} "
+        "or pass a kbitprep.EstimateVariant"
     )
 
 
@@ -257,7 +261,7 @@ class Estimate:
             ["offloaded to host", *(format_bytes(r.offloaded_bytes) if r.offloaded_bytes else "-" for r in self.rows)]
         )
         if self.gpu_memory is not None:
-            body.append([f"fits {format_bytes(self.gpu_memory)}", *("yes" if r.fits else "NO" for r in self.rows)])
+            body.append([f"fits {format_gpu_memory(self.gpu_memory)}", *("yes" if r.fits else "NO" for r in self.rows)])
             body.append([f"max batch at seq {self.seq}", *(_maybe(r.max_batch) for r in self.rows)])
             body.append([f"max seq at batch {self.batch}", *(_maybe(r.max_seq) for r in self.rows)])
         lines.append(table(["", *names], body, right=tuple(range(1, len(names) + 1))))
@@ -281,6 +285,16 @@ def _maybe(n: int | None) -> str:
     return "-" if n is None else str(n)
 
 
+def format_gpu_memory(n: int) -> str:
+    """A GPU's memory in both units: ``24_000_000_000`` -> ``"24 GB = 22.35 GiB"`` (GB: 10^9 bytes, GiB: 2^30).
+
+    Example:
+        >>> format_gpu_memory(24 * 10**9), format_gpu_memory(80 * 2**30)
+        ('24 GB = 22.35 GiB', '85.9 GB = 80 GiB')
+    """
+    return f"{n / 10**9:.4g} GB = {n / 2**30:.4g} GiB"
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -290,6 +304,9 @@ _UNITS.update({"gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "
 
 def parse_bytes(text: str | int | float) -> int:
     """``"24GB"`` -> ``24_000_000_000``; ``"80GiB"``, ``"1.5 TB"``, plain numbers (bytes) too.
+
+    ``GB``, ``MB``, ``TB`` (and ``G``, ``M``, ``T``) are decimal (10^9 ...); ``GiB``, ``MiB``, ``TiB`` binary
+    (2^30 ...). A GPU sold as "24GB" has 24 GiB: write ``24GiB`` for it.
 
     Example:
         >>> parse_bytes("24GB"), parse_bytes("1 GiB")
@@ -304,7 +321,9 @@ def parse_bytes(text: str | int | float) -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise InvalidPolicyError(f"{text!r} is not a memory size; write it like 24GB, 80GiB or 16000000000")
+        raise InvalidPolicyError(
+            f"{text!r} is not a memory size; write it like 24GiB (2^30 bytes), 24GB (10^9 bytes) or 16000000000"
+        )
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if value <= 0:
         raise InvalidPolicyError(f"memory size {text!r} must be positive")
@@ -357,9 +376,24 @@ def _positive(name: str, value: Any) -> int:
     return value
 
 
+def _text_config(config: Any) -> Any:
+    """The config that holds the decoder's depth (LLaVA keeps it in its text config); the config itself
+    where there is none or several (MusicGen)."""
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except Exception:
+        return config
+
+
+def _depth(config: Any) -> int:
+    """The model's number of layers (0 when the config does not say it as one number)."""
+    value = getattr(_text_config(config), "num_hidden_layers", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def _truncated(config: Any, layers: int) -> Any:
     cfg = copy.deepcopy(config)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # LLaVA keeps depth there
+    text = _text_config(cfg)
     text.num_hidden_layers = layers
     for key in ("layer_types", "mlp_layer_types", "block_types"):
         value = getattr(text, key, None)
@@ -369,6 +403,30 @@ def _truncated(config: Any, layers: int) -> Any:
 
 
 # --------------------------------------------------------------------------- the estimate
+
+#: Loggers kept quiet while an estimate builds and simulates models: transformers' (config and
+#: deprecation notices about the models kbitprep builds, "use_cache=True is incompatible with gradient
+#: checkpointing"), and torch's fake-tensor log, which prints the traceback of a kernel that fails on
+#: fake tensors before the UnsupportedModelError that reports it.
+_QUIET_LOGGERS = {"transformers": logging.ERROR, "torch._subclasses.fake_tensor": logging.CRITICAL + 1}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings and no library log records below the levels of :data:`_QUIET_LOGGERS` from the
+    models kbitprep builds and runs itself; every level is restored afterwards."""
+    saved = [(logging.getLogger(name), level) for name, level in _QUIET_LOGGERS.items()]
+    before = [(logger, logger.level) for logger, _ in saved]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for logger, level in saved:
+                if logger.getEffectiveLevel() < level:
+                    logger.setLevel(level)
+            yield
+        finally:
+            for logger, level in before:
+                logger.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -488,8 +546,9 @@ def estimate(
 
     Args:
         model_or_config: a transformers config, a ``config.json`` path (or a folder holding one),
-            or a loaded model (its config and, for bitsandbytes, its quantization are used; nothing
-            in it is touched).
+            a Hugging Face Hub model id (only its ``config.json`` is fetched, through the hub cache;
+            see :func:`kbitprep.app.metaplan.load_config`), or a loaded model (its config and, for
+            bitsandbytes, its quantization are used; nothing in it is touched).
         quantization: a scheme name of :data:`kbitprep.app.metaplan.SCHEMES` (``"bnb-4bit"``: NF4 with
             double quantization; ``"none"``: the float model). Default: a loaded model's, else ``"bnb-4bit"``.
         batch: sequences per step.
@@ -502,8 +561,9 @@ def estimate(
         checkpointing: kbitprep's checkpointing for its rows (``True``: the backend's default mode).
         memory: one kbitprep ``memory=`` choice: the rows become ``peft`` and that one.
         variants: the rows: names of :data:`DEFAULT_VARIANTS` or :class:`Variant` objects.
-        gpu_memory: a GPU's memory (``"24GB"``, ``"80GiB"`` or bytes): each row says whether it
-            fits and the largest batch and sequence length that do.
+        gpu_memory: a GPU's memory (``"24GiB"``: 2^30 bytes, as cards are sold; ``"24GB"``: 10^9
+            bytes; or bytes): each row says whether it fits and the largest batch and sequence
+            length that do.
         keep_logits: the training loop holds the model output (logits) through the backward
             (transformers' Trainer does not: it keeps the loss only).
         exact: simulate every layer instead of extrapolating from 1 and 2.
@@ -514,7 +574,13 @@ def estimate(
         ConfigError: the config cannot be read or built.
         UnsupportedModelError: the model's code cannot run on fake tensors (for example
             mixture-of-experts layers whose kernels check real dtypes or data).
-        KbitprepError: an unknown quantization scheme.
+        BackendUnavailableError: the model's code needs a package that is not installed.
+
+    Example:
+        ```python
+        est = kbitprep.estimate("meta-llama/Llama-3.1-8B", gpu_memory="24GiB")  # a hub id: config.json only
+        print(est.render())
+        ```
     """
     from .metaplan import SCHEMES, config_dtype
 
@@ -522,7 +588,7 @@ def estimate(
     config, inferred = _config_of(model_or_config)
     scheme_name = quantization or inferred or "bnb-4bit"
     if scheme_name not in SCHEMES:
-        raise KbitprepError(f"unknown quantization {scheme_name!r}; choices: {', '.join(SCHEMES)}")
+        raise InvalidPolicyError(f"unknown quantization {scheme_name!r}; choices: {', '.join(SCHEMES)}")
     scheme = SCHEMES[scheme_name]
     batch, seq, lora_r = _positive("batch", batch), _positive("seq", seq), _positive("lora_r", lora_r)
     alpha = 2 * lora_r if lora_alpha is None else _positive("lora_alpha", lora_alpha)
@@ -556,8 +622,7 @@ def estimate(
         if not chosen:
             raise InvalidPolicyError("variants= is empty; name at least one row")
     resolved = [_resolve_variant(v, scheme) for v in chosen]
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    layers = _depth(config)
     sims: tuple[int, ...] = (layers,) if exact or layers <= EXACT_MAX_LAYERS else _FIT_LAYERS
     common = {
         "batch": batch,
@@ -573,7 +638,15 @@ def estimate(
     notes: list[str] = []
     total = len(resolved) * len(sims)
     done = 0
-    depths = {n: config if n == layers else _truncated(config, n) for n in sims}
+    depths: dict[int, Any] = {layers: config}
+    if len(sims) > 1:
+        try:
+            with _quiet():
+                depths = {n: _truncated(config, n) for n in sims}
+        except Exception as exc:  # a config whose depth is set by other keys (Funnel): simulate it whole
+            sims = (layers,)
+            total = len(resolved)
+            notes.append(f"every layer simulated: the config cannot be cut to 1 and 2 layers ({type(exc).__name__})")
     plans: dict[tuple[int, str], Any] = {}
     for rv in resolved:
         results = []
@@ -587,8 +660,7 @@ def estimate(
                     file=sys.stderr,
                     flush=True,
                 )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _quiet():
                 try:
                     res = _simulate_variant(cfg, scheme, float_dtype, rv, common, plans)
                 except KbitprepError:
@@ -627,7 +699,9 @@ def estimate(
         notes.append("offload rows count device memory only; the offloaded bytes sit in pinned host memory")
     if gpu is not None:
         notes.append(
-            "max batch / seq: weights and adapter state fixed, the rest scaled with the tokens per step (linear)"
+            f"GPU memory {format_gpu_memory(gpu)} (GB: 10^9 bytes, GiB: 2^30; a card sold as 24GB has 24 GiB: "
+            "pass 24GiB); max batch / seq: weights and adapter state fixed, the rest scaled with the tokens per "
+            "step (linear)"
         )
     model_name = type(config).__name__.removesuffix("Config") or "model"
     return Estimate(
@@ -703,7 +777,12 @@ def add_estimate_parser(
         "settings, by running one training step of the real model code on fake tensors. No GPU, "
         "no weights.",
     )
-    p.add_argument("--config", required=True, help="a config.json (or a folder holding one)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a config.json, a folder holding one, or a Hugging Face Hub model id (only its config.json is "
+        "fetched, through the hub cache; HF_HUB_OFFLINE and HF_TOKEN apply)",
+    )
     p.add_argument(
         "--quantization",
         type=scheme_type or scheme_name,
@@ -733,7 +812,12 @@ def add_estimate_parser(
         default=None,
         help="only this kbitprep setting (beside PEFT's) instead of all four",
     )
-    p.add_argument("--gpu-memory", default=None, help="e.g. 24GB or 80GiB: which rows fit, and the largest batch/seq")
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        help="a GPU's memory: which rows fit, and the largest batch/seq. 24GiB is 24 x 2^30 bytes (a card sold "
+        "as 24GB has that), 24GB is 24 x 10^9 bytes, a plain number is bytes",
+    )
     p.add_argument("--exact", action="store_true", help="simulate every layer (slower)")
     p.add_argument("--keep-logits", action="store_true", help="the training loop holds the logits through backward")
     if not any(a.dest == "json" for a in p._actions):

@@ -40,6 +40,8 @@ the data bytes only.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,10 +51,11 @@ import torch
 from torch import nn
 
 from .._peft_rules import peft_rules, peft_rules_for
-from .._planning import ParamPlan, Plan, build_plan
+from .._plan_types import ParamPlan, Plan
+from .._planning import build_plan
 from .._policies import UpcastPolicy, resolve_checkpointing, resolve_upcast
 from .._registry import Registry, default_registry
-from ..errors import ConfigError, KbitprepError
+from ..errors import BackendUnavailableError, ConfigError, InvalidPolicyError, KbitprepError
 from ..plugin import CheckpointMode, Declarations, Scheme
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "build_meta_model",
     "config_dtype",
     "converted_linears",
+    "is_hub_id",
     "load_config",
     "peft_plan",
     "plan_from_config",
@@ -205,40 +209,177 @@ def peft_plan(model: nn.Module, *, registry: Registry | None = None) -> Plan:
 # --------------------------------------------------------------------------- configs and meta models
 
 
-def load_config(path: str | Path) -> Any:
-    """Read a transformers config from a ``config.json`` file (or a folder holding one).
+#: A Hugging Face Hub repository id, as huggingface_hub validates one: ``name`` or ``org/name``, each part
+#: of letters, digits, ``-``, ``_`` and ``.``, starting and ending with a letter, digit or ``_``.
+_HUB_ID = re.compile(r"(?:(?=\w)[\w.-]*\w/)?(?=\w)[\w.-]{0,95}\w")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hugging Face Hub model id (``"org/name"`` or ``"name"``) rather than a
+    path: no more than one ``/``, the characters the Hub allows, and not a ``.json`` file name.
+
+    Example:
+        >>> is_hub_id("meta-llama/Llama-3.1-8B"), is_hub_id("llama-3.1-8b/config.json"), is_hub_id("./tiny")
+        (True, False, False)
+    """
+    if text.endswith((".json", ".git")) or "--" in text or ".." in text:
+        return False
+    return _HUB_ID.fullmatch(text) is not None
+
+
+def _env_flag(*names: str) -> bool | None:
+    """The first of the environment variables ``names`` that is set, as a flag; ``None`` when none is."""
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.strip():
+            return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return None
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as set now, else as huggingface_hub read it at import."""
+    flag = _env_flag("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if flag is not None:
+        return flag
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
+def _hub_cache(cache_dir: str | Path | None) -> str:
+    """The hub cache to use: ``cache_dir``, else ``HF_HUB_CACHE`` / ``HF_HOME`` as set now, else huggingface_hub's."""
+    if cache_dir is not None:
+        return os.fspath(cache_dir)
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return os.path.expanduser(os.path.expandvars(os.environ[name]))
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.path.expandvars(os.environ["HF_HOME"])), "hub")
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _hub_config(repo_id: str, *, revision: str | None, token: str | bool | None, cache_dir: str | Path | None) -> Path:
+    """The ``config.json`` of hub model ``repo_id``, from the hub cache or downloaded into it (that file only).
 
     Raises:
-        ConfigError: the file is missing, is not JSON, or names no model type transformers knows.
+        ConfigError: not cached while offline, no such repository (or gated, or private), no config.json.
     """
-    p = Path(path)
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import hf_hub_download
+
+    offline = _hub_offline()
+    cache = _hub_cache(cache_dir)
+    where = f"{repo_id!r} is not a local file or folder"
+    try:
+        found = hf_hub_download(
+            repo_id,
+            "config.json",
+            revision=revision,
+            token=token,
+            cache_dir=cache,
+            local_files_only=offline,
+        )
+    except hub_errors.GatedRepoError as exc:
+        raise ConfigError(
+            f"{where}, and {repo_id} is a gated model on the Hugging Face Hub: accept its terms on "
+            f"https://huggingface.co/{repo_id}, then log in (`hf auth login`) or set HF_TOKEN"
+        ) from exc
+    except hub_errors.RepositoryNotFoundError as exc:
+        raise ConfigError(
+            f"config file not found: {where}, and the Hugging Face Hub has no model {repo_id!r} "
+            "(for a private one, log in with `hf auth login` or set HF_TOKEN)"
+        ) from exc
+    except hub_errors.RevisionNotFoundError as exc:
+        raise ConfigError(f"{repo_id} on the Hugging Face Hub has no revision {revision!r}") from exc
+    except hub_errors.RemoteEntryNotFoundError as exc:
+        raise ConfigError(f"{repo_id} on the Hugging Face Hub has no config.json (is it a model repository?)") from exc
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled) as exc:
+        if offline:
+            raise ConfigError(
+                f"config file not found: {where}, and HF_HUB_OFFLINE is set while the hub cache ({cache}) holds "
+                f"no config.json of {repo_id}: unset HF_HUB_OFFLINE to download it (config.json only), or pass "
+                "a local config.json"
+            ) from exc
+        raise ConfigError(
+            f"config file not found: {where}, the Hugging Face Hub could not be reached to download the "
+            f"config.json of {repo_id}, and the hub cache ({cache}) holds no copy: {' '.join(str(exc).split())}"
+        ) from exc
+    except (hub_errors.HfHubHTTPError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot get the config.json of {repo_id} from the Hugging Face Hub: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())}"
+        ) from exc
+    return Path(found)
+
+
+def load_config(
+    path: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+) -> Any:
+    """Read a transformers config from a ``config.json`` file, a folder holding one, or a hub model id.
+
+    A ``path`` that is not a local file or folder and reads as a Hugging Face Hub id
+    (``"meta-llama/Llama-3.1-8B"``, see :func:`is_hub_id`) is fetched as ``from_pretrained`` would,
+    but only its ``config.json``, through ``huggingface_hub``: from the hub cache
+    (``HF_HUB_CACHE`` / ``HF_HOME``, or ``cache_dir``) when it holds a copy, else downloaded into it;
+    ``HF_HUB_OFFLINE=1`` never touches the network; the token (``HF_TOKEN``, ``hf auth login``, or
+    ``token``) opens gated and private models.
+
+    Args:
+        path: a ``config.json``, a folder holding one, or a hub model id.
+        revision: the hub revision (branch, tag or commit; default ``main``).
+        token: a hub token (default: the one huggingface_hub finds).
+        cache_dir: the hub cache folder (default: huggingface_hub's, as the environment sets it now).
+
+    Raises:
+        ConfigError: the file is missing (or the hub id is not cached while offline, unknown or
+            gated), is not JSON, names no model type transformers knows, or is inconsistent.
+    """
+    text = os.fspath(path)
+    p = Path(text)
+    label = str(p)
+    if not p.exists() and is_hub_id(text):
+        p = _hub_config(text, revision=revision, token=token, cache_dir=cache_dir)
+        label = f"{text} (config.json from the Hugging Face Hub)"
     if p.is_dir():
         p = p / "config.json"
+        label = str(p)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"config file not found: {label}")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {p}: {exc}") from exc
+        raise ConfigError(f"cannot read {label}: {exc}") from exc
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"malformed config {p}: not valid JSON ({exc})") from exc
+        raise ConfigError(f"malformed config {label}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"malformed config {p}: expected a JSON object, got {type(data).__name__}")
+        raise ConfigError(f"malformed config {label}: expected a JSON object, got {type(data).__name__}")
     model_type = data.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise ConfigError(f'malformed config {p}: no "model_type" (e.g. "llama")')
+        raise ConfigError(f'malformed config {label}: no "model_type" (e.g. "llama")')
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
         raise ConfigError(
-            f"malformed config {p}: model_type {model_type!r} is not one transformers knows "
+            f"malformed config {label}: model_type {model_type!r} is not one transformers knows "
             "(e.g. llama, mistral, qwen2, gemma)"
         )
     try:
         return AutoConfig.for_model(**data)
     except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"malformed config {p}: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"malformed config {label}: {_one_line(exc)}") from exc
+    except Exception as exc:  # transformers' config validators raise their own classes (and IndexError ...)
+        raise ConfigError(f"inconsistent config {label}: {type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def model_class(config: Any) -> Any:
@@ -258,16 +399,32 @@ def model_class(config: Any) -> Any:
 
 
 def config_dtype(config: Any, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """The float dtype to plan with: ``dtype`` if given (not ``"auto"``), else the config's, else bf16."""
+    """The float dtype to plan with: ``dtype`` if given (not ``"auto"``), else the config's, else bf16.
+
+    Raises:
+        InvalidPolicyError: ``dtype`` is not a floating-point dtype.
+        ConfigError: the config's own dtype is not one.
+    """
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InvalidPolicyError(f"dtype={dtype!r} is not a floating-point torch dtype (e.g. torch.bfloat16)")
         return dtype
-    if dtype in (None, "auto"):
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
+    given = dtype not in (None, "auto")
+    if not given:
+        dtype = getattr(config, "dtype", None)
+        # transformers 5 keeps torch_dtype as a deprecated alias of dtype, which warns when read
+        if dtype is None and not isinstance(getattr(type(config), "torch_dtype", None), property):
+            dtype = getattr(config, "torch_dtype", None)
+        dtype = dtype or "bfloat16"
     if isinstance(dtype, torch.dtype):
         return dtype
     found = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(found, torch.dtype) or not found.is_floating_point:
-        raise ConfigError(f"dtype {dtype!r} is not a floating-point torch dtype")
+        if given:
+            raise InvalidPolicyError(
+                f"dtype={dtype!r} is not a floating-point torch dtype; use bfloat16, float16 or float32"
+            )
+        raise ConfigError(f"the config's dtype {dtype!r} is not a floating-point torch dtype; pass dtype=")
     return found
 
 
@@ -275,23 +432,79 @@ def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
     """The model ``config`` describes, built on the meta device: shapes and dtypes, no storage.
 
     Raises:
-        ConfigError: transformers cannot build a model from the config.
+        ConfigError: transformers cannot build a model from the config (it is invalid or inconsistent).
+        BackendUnavailableError: the model's transformers code needs a package that is not installed
+            (timm, for instance); the message names it and how to install it.
     """
-    cls = model_class(config)
+    model_type = getattr(config, "model_type", "?")
     try:
+        cls = model_class(config)
+        _check_auto_class(cls, config)
         with torch.device("meta"):
             model = (
                 cls.from_config(config, dtype=dtype)
                 if hasattr(cls, "from_config")
                 else cls._from_config(config, dtype=dtype)
             )
+    except KbitprepError:
+        raise
+    except ImportError as exc:
+        raise BackendUnavailableError(_missing_package_message(model_type, exc)) from exc
     except (ValueError, TypeError, AttributeError, KeyError, AssertionError, RuntimeError) as exc:
+        raise ConfigError(f"cannot build a {model_type} model from this config: {_one_line(exc)}") from exc
+    except Exception as exc:  # IndexError from per-layer lists that do not match the depth, validators' own classes
         raise ConfigError(
-            f"cannot build a {getattr(config, 'model_type', '?')} model from this config: {' '.join(str(exc).split())}"
+            f"cannot build a {model_type} model from this config, which looks inconsistent (per-layer settings "
+            f"that do not match num_hidden_layers?): {type(exc).__name__}: {_one_line(exc) or 'no message'}"
         ) from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"building from this config gave {type(model).__name__}, not a model")
     return model
+
+
+def _missing_package_message(model_type: str, exc: ImportError) -> str:
+    """What to install, from transformers' ``requires_backends`` message or a ``ModuleNotFoundError``."""
+    text = _one_line(exc)
+    needs = re.findall(r"requires the ([\w.-]+) library", text)
+    who = re.search(r"(\w+) requires the", text)
+    if not needs and getattr(exc, "name", None):
+        needs = [str(exc.name).split(".")[0]]
+    packages = ", ".join(dict.fromkeys(needs)) or "a package"
+    commands = re.findall(r"`(pip install [^`]+)`", text)
+    urls = re.findall(r"https?://[^\s`]+[^\s`.,;)]", text)
+    if commands:
+        how = f"install it with: {commands[0]}"
+    elif urls:
+        how = f"install it as {urls[0]} says"
+    elif needs:
+        how = f"install it with: pip install {' '.join(dict.fromkeys(needs))}"
+    else:
+        how = f"install what it names ({text})"
+    code = f" ({who.group(1)})" if who else ""
+    return (
+        f"cannot build a {model_type} model from this config: its transformers code{code} needs {packages}, "
+        f"which cannot be imported here; {how}"
+    )
+
+
+def _check_auto_class(cls: Any, config: Any) -> None:
+    """Refuse a config no transformers model class is registered for before ``AutoModel`` does: its
+    error lists every model type, importing each one's code (seconds), and is hundreds of names long."""
+    import transformers
+
+    auto = getattr(transformers, "AutoModel", None)
+    mapping = getattr(auto, "_model_mapping", None)
+    if cls is not auto or mapping is None or getattr(config, "auto_map", None):
+        return
+    try:
+        known = type(config) in mapping
+    except Exception:  # another transformers: let from_config decide
+        return
+    if not known:
+        raise ConfigError(
+            f"cannot build a {getattr(config, 'model_type', '?')} model from this config: transformers has no "
+            f"model class for {type(config).__name__} (a part of a larger model, or not a model)"
+        )
 
 
 def converted_linears(model: nn.Module) -> list[str]:
@@ -429,12 +642,13 @@ def plan_from_config(
 
     Raises:
         ConfigError: the config cannot be built.
-        InvalidPolicyError: an upcast or checkpointing choice the backend does not allow.
-        KbitprepError: an unknown scheme name.
+        BackendUnavailableError: the model's code needs a package that is not installed.
+        InvalidPolicyError: an unknown scheme name or dtype, or an upcast or checkpointing choice the
+            backend does not allow.
     """
     if isinstance(scheme, str):
         if scheme not in SCHEMES:
-            raise KbitprepError(f"unknown quantization {scheme!r}; choices: {', '.join(SCHEMES)}")
+            raise InvalidPolicyError(f"unknown quantization {scheme!r}; choices: {', '.join(SCHEMES)}")
         scheme = SCHEMES[scheme]
     decl = _scheme_declarations(scheme)
     label, _ = resolve_upcast(upcast, decl)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -126,3 +132,105 @@ def test_every_error_derives_from_the_base_class() -> None:
         else:
             assert issubclass(cls, kbitprep.KbitprepWarning), name
         assert cls.__doc__
+
+
+# --------------------------------------------------------------------------- the promise, held in the source
+
+PACKAGE = Path(kbitprep.__file__).resolve().parent
+#: The built-in exceptions troubleshooting.md promises every kbitprep error also derives from.
+BUILTINS = (TypeError, ValueError, LookupError, ImportError, RuntimeError)
+
+
+def _raises(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, name) of every ``raise Name(...)`` / ``raise Name`` in ``path``."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(exc, ast.Name):
+                yield node.lineno, exc.id
+            elif isinstance(exc, ast.Attribute):
+                yield node.lineno, exc.attr
+
+
+def test_every_error_also_derives_from_a_builtin_exception() -> None:
+    for name in kbitprep.errors.__all__:
+        cls = getattr(kbitprep.errors, name)
+        if issubclass(cls, kbitprep.KbitprepError) and cls is not kbitprep.KbitprepError:
+            assert issubclass(cls, BUILTINS), f"{name} derives from none of {[b.__name__ for b in BUILTINS]}"
+
+
+def test_no_raise_of_the_bare_base_class() -> None:
+    """``except ValueError`` (or the closest built-in) must catch whatever kbitprep raises on purpose: the
+    base class alone derives from none, so ``kbitprep/`` never raises it (a subclass says what is wrong)."""
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line, name in _raises(path)
+        if name == "KbitprepError"
+    ]
+    assert len(list(PACKAGE.rglob("*.py"))) > 30  # the walk sees the package, app/ included
+    assert not found, f"raise KbitprepError(...) (use the documented subclass): {found}"
+
+
+def _resolve(dotted: str) -> object:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj: object = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_names_in_messages_and_docstrings_exist() -> None:
+    """Every ``kbitprep.<name>`` a string of the package names (an error message's "pass a kbitprep.X")
+    can be imported."""
+    named: dict[str, str] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for m in re.finditer(r"(?<![\w.])kbitprep(?:\.[A-Za-z_]\w*)+", node.value):
+                    named.setdefault(m.group(0), f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert len(named) > 20
+    missing = []
+    for name, where in sorted(named.items()):
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(f"{name} ({where})")
+    assert not missing, f"strings name objects that do not exist: {missing}"
+
+
+def test_unknown_quantization_is_an_invalid_option() -> None:
+    from kbitprep.app.metaplan import plan_from_config
+    from kbitprep.testing import tiny_llama_config
+
+    for call in (
+        lambda: kbitprep.estimate(tiny_llama_config(), quantization="nf4"),
+        lambda: plan_from_config(tiny_llama_config(), "nf4"),
+    ):
+        with pytest.raises(kbitprep.InvalidPolicyError, match="unknown quantization 'nf4'; choices: bnb-4bit"):
+            call()
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_unknown_estimate_variant_names_the_exported_class() -> None:
+    from kbitprep.testing import tiny_llama_config
+
+    with pytest.raises(kbitprep.InvalidPolicyError, match="or pass a kbitprep.EstimateVariant") as info:
+        kbitprep.estimate(tiny_llama_config(), variants=["fastest"])
+    named = re.findall(r"kbitprep\.(\w+)", str(info.value))
+    assert named and all(hasattr(kbitprep, n) for n in named), named
+
+
+@pytest.mark.parametrize("dtype", ["int8", torch.int8, "bogus"])
+def test_a_bad_dtype_option_is_an_invalid_option(dtype: object) -> None:
+    from kbitprep.app.metaplan import config_dtype
+    from kbitprep.testing import tiny_llama_config
+
+    with pytest.raises(kbitprep.InvalidPolicyError, match="not a floating-point torch dtype"):
+        config_dtype(tiny_llama_config(), dtype)  # type: ignore[arg-type]

@@ -26,9 +26,16 @@ import kbitprep
 from kbitprep import CheckpointMode, checkpointing_status
 from kbitprep import _patch_peft as _patch_module
 from kbitprep._patch_peft import PeftPatch, patch_peft
-from kbitprep.errors import BackendUnavailableError, InvalidPolicyError, NotPreparedError
+from kbitprep.errors import (
+    BackendMismatchError,
+    BackendUnavailableError,
+    InvalidPolicyError,
+    NotPreparedError,
+    UnknownBackendError,
+)
 from kbitprep.testing import model_state
 
+from ..core.backends_for_tests import MarkerBackend
 from ..tiny import saved_tiny_llama, tiny_llama
 from .common import adapter_state, load_bnb_4bit, lora_config, tiny_tokenizer, training_kwargs
 
@@ -310,16 +317,81 @@ def test_bad_policy_patches_nothing() -> None:
         patch_peft(policy={"plan": None})
 
 
+@pytest.mark.parametrize(
+    ("policy", "error", "match"),
+    [
+        ({"memory": "lowset"}, InvalidPolicyError, "memory='lowset' is not a memory preset"),
+        ({"upcast": "everything"}, InvalidPolicyError, "upcast='everything' is not a valid policy"),
+        ({"checkpointing": "sometimes"}, InvalidPolicyError, "checkpointing='sometimes' is not valid"),
+        ({"checkpointing_kwargs": {"bogus": 1}}, InvalidPolicyError, "does not take: bogus"),
+        ({"memory": {"preset": "lowest", "chunked_head": -1}}, InvalidPolicyError, "chunked_head"),
+        ({"fsdp": 3}, InvalidPolicyError, "fsdp=3 is not valid"),
+        ({"verify": "yes"}, InvalidPolicyError, "verify='yes' must be True or False"),
+        ({"registry": "default"}, InvalidPolicyError, "registry= takes a kbitprep.Registry"),
+        ({"backend": "bnb-4bitt"}, UnknownBackendError, "no kbitprep backend is called 'bnb-4bitt'"),
+        ({"backend": "needs-pkg", "registry": "needs-pkg"}, BackendUnavailableError, "pip install no-such-pkg"),
+    ],
+)
+def test_a_bad_policy_value_is_refused_when_the_switch_is_made(
+    policy: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Not later, inside a trainer's constructor, when the stack first calls PEFT's function."""
+    import peft
+
+    if policy.get("registry") == "needs-pkg":
+        reg = kbitprep.Registry()
+        reg.register(
+            MarkerBackend("needs-pkg", requires=("kbitprep_no_such_pkg",), install_hint="pip install no-such-pkg")
+        )
+        policy = {**policy, "registry": reg}
+    with pytest.raises(error, match=match) as info:
+        patch_peft(policy=policy)
+    assert str(info.value).startswith("patch_peft(policy=...): ") and "nothing was patched" in str(info.value)
+    assert peft.prepare_model_for_kbit_training is _peft_function() and not _patch_module._ACTIVE
+
+
+def test_a_valid_policy_is_accepted_whole() -> None:
+    policy = {
+        "upcast": "norms",
+        "checkpointing": "non_reentrant",
+        "checkpointing_kwargs": {"preserve_rng_state": False},
+        "memory": {"preset": "chunked_head", "chunked_head": 512},
+        "fsdp": False,
+        "verify": True,
+        "allow_mismatch": False,
+        "strict": None,
+        "backend": "unquantized",
+    }
+    with patch_peft(policy=policy) as switch:
+        assert switch.policy == policy
+
+
 def test_error_in_a_routed_call_propagates_and_leaves_the_model() -> None:
+    """What depends on the model is checked by the routed call: here a forced backend that does not
+    recognise it."""
+    reg = kbitprep.Registry()
+    reg.register(MarkerBackend("marker"))
     model = tiny_llama()
     state = model_state(model)
-    with patch_peft(policy={"upcast": "everything"}):
+    with patch_peft(policy={"backend": "marker", "registry": reg}):
         import peft
 
-        with pytest.raises(InvalidPolicyError):
+        with pytest.raises(BackendMismatchError, match="does not recognise"):
             peft.prepare_model_for_kbit_training(model)
     assert model_state(model) == state
     assert peft.prepare_model_for_kbit_training is _peft_function()
+
+
+def test_a_script_alias_is_listed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """multiprocessing registers a script's ``__main__`` again as ``__mp_main__``: one module, one name."""
+    main = sys.modules["__main__"]
+    monkeypatch.setitem(sys.modules, "__mp_main__", main)
+    monkeypatch.setattr(main, "orig", _peft_function(), raising=False)
+    with patch_peft() as switch:
+        assert main.orig is not _peft_function()  # routed
+        listed = [n for n in switch.patched if n.endswith(".orig")]
+    assert listed == ["__main__.orig"]
+    assert main.orig is _peft_function()
 
 
 def test_missing_peft_raises_and_patches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
