@@ -11,6 +11,7 @@ Modes::
 
     python benchmarks/bench.py --quick     # CPU, tiny model, bnb 4-bit + torchao int8 (1-2 minutes on 2 cores)
     python benchmarks/bench.py --cpu       # CPU, tiny and ~100M-parameter Llama-style models
+    python benchmarks/bench.py --trl       # CPU, 128k vocabulary: plain loop beside TRL's fused head (SFTTrainer's)
     python benchmarks/bench.py --cuda      # GPU only: Llama-3.2-1B / Llama-3.1-8B architectures, bnb nf4
     python benchmarks/bench.py --cuda --dry-run   # check the CUDA setup (configs, sizes, commands) anywhere
 
@@ -62,6 +63,17 @@ MODELS: dict[str, dict[str, Any]] = {
         num_key_value_heads=4,
         vocab_size=32000,
         max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    ),
+    # the shape of the side-by-side with TRL's trainers: a 128k vocabulary makes the head the largest activation
+    "llama-128k": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=2048,
         tie_word_embeddings=False,
     ),
     "llama-3.2-1b": dict(
@@ -137,6 +149,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The same preparations, trained the way TRL's trainers (SFTTrainer, DPOTrainer, GRPOTrainer, KTOTrainer) compute
+# their loss: the causal LM patched with trl.trainer.utils.add_fused_lm_head (as SFTTrainer does, with its outputs),
+# called with fused_lm_head=True. With kbitprep's chunked head, kbitprep's head serves those calls on CPU and TRL's
+# on CUDA (kbitprep._memory.trl_fused.FUSED_HEAD_BY_DEVICE); the rows record which head ran (head_calls).
+for _base in ("peft", "default", "chunked-head", "lowest"):
+    VARIANTS[f"trl-{_base}"] = {
+        **VARIANTS[_base],
+        "stack": "trl",
+        "label": VARIANTS[_base]["label"] + ", trained through TRL's fused head (fused_lm_head=True)",
+    }
+TRL_VARIANTS = ["trl-peft", "trl-default", "trl-chunked-head", "trl-lowest"]
+
 KNOWN: dict[str, dict[str, Any]] = {"models": MODELS, "backends": BACKENDS, "variants": VARIANTS}
 
 #: The benchmark modes.
@@ -175,11 +199,23 @@ MODES: dict[str, dict[str, Any]] = {
             }
         },
     },
+    "trl": {
+        "device": "cpu",
+        "models": ["llama-128k"],
+        "backends": ["bnb-nf4"],
+        "variants": ["peft", "default", "chunked-head", "lowest", *TRL_VARIANTS],
+        "batch": 2,
+        "seq": 512,
+        "steps": 3,
+        "jobs": 1,
+        "threads": 0,
+        "timeout": 3600,
+    },
     "cuda": {
         "device": "cuda",
         "models": ["llama-3.2-1b", "llama-3.1-8b"],
         "backends": ["bnb-nf4"],
-        "variants": ["peft", "default", "chunked-head", "offload", "lowest"],
+        "variants": ["peft", "default", "chunked-head", "offload", "lowest", *TRL_VARIANTS],
         "batch": 4,
         "seq": 1024,
         "steps": 8,
@@ -365,6 +401,13 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(SEED)
     model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
+    fused: dict[str, Any] = {}
+    if variant.get("stack") == "trl":
+        from trl.trainer.utils import add_fused_lm_head
+
+        # what SFTTrainer does: patch the causal LM under the PEFT model, then call with fused_lm_head=True
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+        fused = {"fused_lm_head": True}
     trainable = [p for p in model.parameters() if p.requires_grad]
     out["lora_params"] = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
@@ -396,7 +439,7 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
     for b in batches:
         t0 = time.perf_counter()
         with torch.autocast(device, dtype=dtype):
-            result = model(**b)
+            result = model(**b, **fused)
         scaler.scale(result.loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -405,7 +448,7 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(float(result.loss.detach()))
-        logits_none.append(result.logits is None)
+        logits_none.append(getattr(result, "logits", None) is None)
         del result
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -743,6 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="CPU, tiny model, two backends, four variants")
     mode.add_argument("--cpu", action="store_true", help="CPU, tiny and ~100M models (the default without a GPU)")
     mode.add_argument("--cuda", action="store_true", help="GPU: Llama-3.2-1B and Llama-3.1-8B architectures")
+    mode.add_argument(
+        "--trl", action="store_true", help="CPU, 128k vocabulary: plain loop and TRL's fused head side by side"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for <mode>.json and <mode>.md")
     parser.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--backends", help=f"comma-separated subset of {', '.join(BACKENDS)}")
@@ -762,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="check the setup (no model is built or trained)")
     args = parser.parse_args(argv)
 
-    name = "cpu-quick" if args.quick else "cuda" if args.cuda else "cpu"
+    name = "cpu-quick" if args.quick else "cuda" if args.cuda else "trl" if args.trl else "cpu"
     conf = dict(MODES[name])
     for key in ("models", "backends", "variants"):
         value = getattr(args, key)

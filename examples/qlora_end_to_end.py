@@ -10,7 +10,9 @@ Copy it and pass your own model directory (a local path or a Hub id) to train a 
 Steps: load the model quantized to 4-bit NF4 with bitsandbytes; ``kbitprep.prepare(model,
 memory="lowest")`` (frozen base, nothing upcast, reentrant checkpointing, chunked output head,
 offloaded activations); LoRA on every linear layer (``kbitprep.lora_config``); ``SFTTrainer``
-for a few steps; save the adapter; load a fresh 4-bit base, attach the saved adapter with
+for a few steps (it calls the model with TRL's ``fused_lm_head=True``: on the CPU kbitprep's chunked
+head serves those calls, on CUDA TRL's own; the offload runs under either, and the script prints
+which ran); save the adapter; load a fresh 4-bit base, attach the saved adapter with
 ``PeftModel.from_pretrained`` and generate a few tokens (the tiny model learns to count on:
 "two three four" -> "five six seven eight").
 """
@@ -144,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train()
     losses = [round(h["loss"], 3) for h in trainer.state.log_history if "loss" in h]
     print(f"trained {len(losses)} steps: loss {losses[0]} -> {losses[-1]}")
+    # SFTTrainer calls the model with fused_lm_head=True: which head served those calls, and which offload ran
+    stats = kbitprep.memory_modes(trainer.model)
+    calls = ", ".join(f"{k} {v}" for k, v in stats["head_calls"].items())
+    print(f"memory modes: head calls {calls}; offload by {stats['offload_by'] or 'nothing'}")
 
     # 5. save the adapter (only the LoRA weights and their config)
     adapter_dir = out / "adapter"

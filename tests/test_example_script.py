@@ -49,6 +49,11 @@ def test_qlora_example_runs_end_to_end(tmp_path: Path) -> None:
     assert trained, out
     assert int(trained[1]) == 8 and float(trained[3]) < float(trained[2]), trained[0]
 
+    # SFTTrainer's fused-head calls went through kbitprep's chunked head and offload (CPU)
+    assert re.search(
+        r"^memory modes: head calls chunked 0, fused_kbitprep 8, fused_trl 0; offload by kbitprep$", out, re.M
+    ), out
+
     adapter = tmp_path / "adapter"
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (adapter / name).is_file() and (adapter / name).stat().st_size > 0, name
