@@ -41,7 +41,7 @@ _LOCK = threading.Lock()  # one for all models: upcasts are rare (a first traini
 def master_weights_note() -> str:
     """The plan's note on what :class:`MasterWeights` does."""
     return (
-        "fp16/bf16 parameters made trainable after prepare (PEFT's modules_to_save, trainable_token_indices, "
+        "half-precision parameters made trainable after prepare (PEFT's modules_to_save, trainable_token_indices, "
         "by hand) get fp32 master weights at the first training forward"
     )
 

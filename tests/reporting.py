@@ -43,7 +43,7 @@ def outcome(report: pytest.TestReport, *, limit: int | None = None) -> Cell | No
     return status, reason[:limit] if limit is not None else reason
 
 
-@dataclass
+@dataclass(eq=False)  # a pytest plugin: pluggy keeps plugins in sets, so they hash by identity
 class ResultTable:
     """A row x column table of test outcomes, written in pytest's terminal summary.
 

@@ -17,9 +17,10 @@ choice yet). The offload context sits on the backbone, so it runs under either h
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,9 @@ __all__ = [
     "FusedRequest",
     "FusedRouter",
     "clear_request",
+    "decide_as_on",
     "fused_output",
+    "serving_head",
     "take_request",
     "text_config",
     "trl_settings",
@@ -53,6 +56,23 @@ class FusedRequest:
 
 
 _REQUEST: contextvars.ContextVar[FusedRequest | None] = contextvars.ContextVar("kbitprep_fused", default=None)
+_DEVICE_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("kbitprep_fused_device", default=None)
+
+
+@contextlib.contextmanager
+def decide_as_on(device_type: str) -> Iterator[None]:
+    """Within the block, and in this context only (thread, task), decide which head serves fused calls as
+    on ``device_type``: the memory estimate simulates a GPU step on fake CPU tensors."""
+    token = _DEVICE_AS.set(device_type)
+    try:
+        yield
+    finally:
+        _DEVICE_AS.reset(token)
+
+
+def serving_head(device_type: str) -> str:
+    """``"kbitprep"`` or ``"trl"``: which head serves TRL's fused calls on this device type."""
+    return FUSED_HEAD_BY_DEVICE.get(_DEVICE_AS.get() or device_type, "trl")
 
 
 def trl_settings(forward: Any, expected_original: type) -> FusedRequest | None:
@@ -110,7 +130,7 @@ class FusedRouter:
             and state.chunked_head
             and not state.head_fallback
             and request is not None
-            and FUSED_HEAD_BY_DEVICE.get(device, "trl") == "kbitprep"
+            and serving_head(device) == "kbitprep"
         )
         if not served:
             if state is not None:
