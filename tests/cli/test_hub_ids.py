@@ -23,20 +23,15 @@ from kbitprep.app.cli import main
 from kbitprep.app.metaplan import is_hub_id, load_config
 from kbitprep.errors import ConfigError
 
+from ..tiny import tiny_llama_config
+
 REPO = "kbitprep-test/tiny-llama"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    """The tests' tiny Llama config."""
+    return tiny_llama_config()
 
 
 def fill_hub_cache(cache: Path, repo: str, config: LlamaConfig) -> Path:

@@ -23,21 +23,14 @@ import kbitprep
 from kbitprep.app.cli import main
 from kbitprep.app.estimate import Estimate, EstimateRow, format_gpu_memory, parse_bytes
 
-from ..tiny import saved_tiny_llama
+from ..tiny import saved_tiny_llama, tiny_llama_config
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def _config() -> LlamaConfig:
-    """A tiny Llama config with no dtype set (``config.dtype`` is None), as many hub configs read back."""
-    return LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    """The tests' tiny Llama config (its dtype unset, as many hub configs read back)."""
+    return tiny_llama_config()
 
 
 class _Records(logging.Handler):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import kbitprep
 from kbitprep import Declarations, Registry
 
 from ..state import model_state
+from ..test_docs import _resolve
 from ..tiny import tiny_llama
 from .backends_for_tests import MarkerBackend
 
@@ -170,19 +170,6 @@ def test_no_raise_of_the_bare_base_class() -> None:
     ]
     assert len(list(PACKAGE.rglob("*.py"))) > 30  # the walk sees the package, app/ included
     assert not found, f"raise KbitprepError(...) (use the documented subclass): {found}"
-
-
-def _resolve(dotted: str) -> object:
-    parts = dotted.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj: object = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(dotted)
 
 
 def test_names_in_messages_and_docstrings_exist() -> None:
