@@ -118,3 +118,43 @@ def test_a_peft_wrapped_model_gives_the_same_targets() -> None:
     assert [n.removeprefix("base_model.model.") for n in after] == before
     assert not any(n.endswith("base_layer") or "lora_" in n for n in after)
     assert "base_layer" not in kbitprep.lora_config(wrapped).target_modules
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"r": 0}, "r=0 is not a LoRA rank"),
+        ({"r": -3}, "r=-3 is not a LoRA rank"),
+        ({"r": 2.5}, "r=2.5 is not a LoRA rank"),
+        ({"r": True}, "r=True is not a LoRA rank"),
+        ({"lora_alpha": 0}, "lora_alpha=0 is not a LoRA alpha"),
+        ({"lora_alpha": -16}, "lora_alpha=-16 is not a LoRA alpha"),
+        ({"lora_alpha": float("nan")}, "lora_alpha=nan"),
+        ({"lora_dropout": 1.0}, "lora_dropout=1.0 must be a number from 0"),
+        ({"lora_dropout": -0.1}, "lora_dropout=-0.1"),
+        ({"lora_dropout": "0.1"}, "lora_dropout='0.1'"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\]=0 is not a LoRA rank"),
+        ({"alpha_pattern": {"q_proj": -1}}, r"alpha_pattern\['q_proj'\]=-1 is not a LoRA alpha"),
+        ({"experts": "yes"}, "experts='yes' must be True or False"),
+        ({"experts": True, "lora_dropout": 0.05}, "cannot be used with experts=True"),
+        ({"target_parameters": ["experts.down_proj"]}, "chooses target_parameters itself"),
+    ],
+)
+def test_invalid_numbers_are_refused_and_the_model_is_untouched(kwargs: dict[str, object], match: str) -> None:
+    """PEFT accepts ``r=0`` and ``r=-3`` in the config and fails (or trains nothing) much later."""
+    from kbitprep.testing import model_state
+
+    from .tiny import tiny_llama
+
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises(InvalidPolicyError, match=match):
+        kbitprep.lora_config(model, **kwargs)  # type: ignore[arg-type]
+    assert model_state(model) == before
+
+
+def test_valid_numbers_pass_through() -> None:
+    from .tiny import tiny_llama
+
+    cfg = kbitprep.lora_config(tiny_llama(), r=1, lora_alpha=0.5, lora_dropout=0.0, rank_pattern={"q_proj": 2})
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.rank_pattern) == (1, 0.5, 0.0, {"q_proj": 2})

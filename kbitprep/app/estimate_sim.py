@@ -14,14 +14,27 @@ What is not the real code:
   is one, so PEFT wraps it as it wraps the real one) holding the scheme's storage bytes, whose
   forward and backward allocate what the backend allocates: bitsandbytes 4-bit on CUDA dequantizes
   the weight (compute dtype) and its absmax (fp32) when the rows exceed 1536 (its fused kernel
-  serves fewer rows and allocates only the output), and always in the backward;
+  serves fewer rows and allocates only the output), and always in the backward; torchao keeps the
+  weight it dequantized for the backward; hqq and optimum-quanto keep the layer's input. Each
+  scheme's stand-in was checked against a real tracked CPU step (``benchmarks/estimate_check.py``);
+  where the GPU kernels take another path (:data:`GPU_UNVERIFIED`) the figures say so. Layers the
+  integration does not convert stay float: bitsandbytes converts ``nn.Linear`` itself only (not
+  ``Llama4Router``), no integration converts the fused 3-D expert weights of MoE models (a note
+  gives their share), and layers whose weight the model code reads directly (Mamba's ``dt_proj``)
+  are estimated unquantized, with a note on how to load them so;
 * the device: fake tensors live on a fake CPU, with CPU autocast standing in for CUDA autocast
-  (``torch.is_autocast_enabled()`` without a device, which PEFT's bitsandbytes layer asks, answers
-  for the CPU while simulating a GPU); attention is torch's fused SDPA (the CPU flash kernel: the
-  same saved tensors as the CUDA flash kernel, output and log-sum-exp);
+  (CUDA's thread-local autocast flag, which ``torch.is_autocast_enabled()`` without a device reads
+  and PEFT's bitsandbytes layer asks, is set to match while simulating a GPU); attention is torch's
+  fused SDPA (the CPU flash kernel: the same saved tensors as the CUDA flash kernel, output and
+  log-sum-exp);
 * offloading: kbitprep's real offload hooks run (which tensors go, each storage once, what stays
   for the backward); their copy to the host allocates nothing on the device and their copy back
-  allocates the region again.
+  allocates the region again;
+* the grouped expert matmul (``aten._grouped_mm``) of MoE layers: its fake-tensor rule accepts
+  bf16 only (CUDA's fast path), while the op runs in any float dtype (fp32 experts after PEFT's
+  upcast take CUDA's per-group fallback); the tracker gives it its output, the only allocation;
+* state-space layers (Mamba, Mamba-2) run transformers' torch path: the fused kernels of
+  ``mamba_ssm`` / ``causal-conv1d``, used where those packages are installed, are not simulated.
 
 Kernels' internal workspaces (cuBLAS, flash attention's backward accumulators) are not visible;
 nor is the caching allocator's rounding (512 bytes a block).
@@ -30,9 +43,13 @@ nor is the caching allocator's rounding (512 bytes a block).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import inspect
 import math
+import re
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -41,7 +58,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 __all__ = ["SimResult", "StepTracker", "simulate"]
 
@@ -49,6 +66,22 @@ __all__ = ["SimResult", "StepTracker", "simulate"]
 BNB_FUSED_MAX_ROWS = 1536
 
 PARTS = ("weights", "adapters", "activations", "logits_loss", "transient")
+
+#: Schemes whose stand-ins match a real tracked CPU step but whose GPU kernels take another path,
+#: which the CPU cannot show: their GPU figures are unverified, for the reason given.
+GPU_UNVERIFIED = {
+    "bnb-8bit": (
+        "bitsandbytes LLM.int8 runs int8 matmuls on CUDA (activations quantized per row, outlier columns "
+        "in fp16, its own saved state); on the CPU, which the stand-in matches, it dequantizes the weight"
+    ),
+    "quanto-int8": (
+        "optimum-quanto uses CUDA int8 matmul kernels where the CPU, which the stand-in matches, dequantizes the weight"
+    ),
+    "quanto-int4": (
+        "optimum-quanto repacks int4 weights for CUDA kernels (Marlin / TinyGemm / AWQ layouts) where the CPU, "
+        "which the stand-in matches, dequantizes the weight"
+    ),
+}
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -84,9 +117,18 @@ class StepTracker(TorchDispatchMode):
 
     # storages -------------------------------------------------------------
     def register(self, t: torch.Tensor, tag: str = "") -> int | None:
-        """Start tracking ``t``'s storage (if not tracked yet); returns its serial."""
+        """Start tracking ``t``'s storage (if not tracked yet); returns its serial.
+
+        A tensor subclass that wraps plain tensors (torchao's and optimum-quanto's quantized weights,
+        which report a float dtype and shape) is tracked by the storages it really holds: its inner
+        tensors (the serial returned is the first one's).
+        """
         if not isinstance(t, torch.Tensor) or t.is_sparse:
             return None
+        if is_traceable_wrapper_subclass(t) and not self.fake:
+            inner, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+            serials = [self.register(getattr(t, name), tag) for name in inner]
+            return next((s for s in serials if s is not None), None)
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError, TypeError):
@@ -134,6 +176,8 @@ class StepTracker(TorchDispatchMode):
             # data-dependent: on fake tensors every element counts (the chunked head's kept tokens: all of them)
             x = args[0]
             out = torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
+        elif self.fake and func is torch.ops.aten._grouped_mm.default:
+            out = _grouped_mm_output(*args, **(kwargs or {}))
         else:
             out = func(*args, **(kwargs or {}))
         if self.enabled:
@@ -168,6 +212,33 @@ class StepTracker(TorchDispatchMode):
         return parts
 
 
+def _grouped_mm_output(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    offs: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The output of ``aten._grouped_mm`` (the grouped expert matmul of transformers' MoE layers) on fake tensors.
+
+    Its fake-tensor rule checks the CUDA fast path's requirement (bf16 operands), but the op runs in
+    every float dtype: CUDA falls back to one matmul per group into slices of the output, the CPU
+    kernel too; fp32 experts (PEFT's upcast) go that way. Either way it allocates its output only,
+    in ``out_dtype`` or the operands' dtype.
+    """
+    a2, b2 = mat_a.dim() == 2, mat_b.dim() == 2
+    if a2 and b2:  # the weight gradient: one (m, n) block per group
+        assert offs is not None
+        size = [offs.shape[0], mat_a.shape[0], mat_b.shape[1]]
+    elif a2:  # tokens x experts' weights
+        size = [mat_a.shape[0], mat_b.shape[-1]]
+    elif b2:
+        size = [mat_a.shape[1], mat_b.shape[1]]
+    else:
+        size = [mat_a.shape[0], mat_a.shape[1], mat_b.shape[-1]]
+    return torch.empty(size, dtype=out_dtype or mat_a.dtype, device=mat_a.device)
+
+
 def _tensors(out: Any) -> Iterator[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         yield out
@@ -192,11 +263,23 @@ class _DequantMatmul(torch.autograd.Function):
             return x.new_empty((*x.shape[:-1], spec.out_features))
         w = spec.dequantize(x.dtype, x.device)
         out: torch.Tensor = torch.nn.functional.linear(x, w)
+        if spec.saves_input:  # saved whether or not anything needs it
+            ctx.save_for_backward(x)
+        elif spec.saves_weight:  # the dequantized weight stays for the backward (autograd saved it)
+            scale = x.new_empty((spec.out_features, 1)) if spec.row_scale else None
+            if scale is not None:  # y = (x @ W_int8.T) * scale: a second output, the scale saved too
+                out = out * scale.view(-1)
+            ctx.save_for_backward(w, *(() if scale is None else (scale,)))
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
         spec: _QuantSpec = ctx.spec
+        if spec.saves_weight:
+            w = ctx.saved_tensors[0]
+            if spec.row_scale:
+                grad = grad * ctx.saved_tensors[1].view(-1)
+            return torch.matmul(grad, w), None, None
         w = spec.dequantize(spec.compute_dtype or grad.dtype, grad.device)
         if w.dtype != grad.dtype:
             w = w.to(grad.dtype)
@@ -210,6 +293,9 @@ class _QuantSpec:
     compute_dtype: torch.dtype | None
     absmax_blocks: int  # fp32 absmax dequantized first (bnb double quantization), 0: none
     fused_max_rows: int  # rows served by a fused kernel that allocates only its output (0: never)
+    saves_weight: bool = False  # the forward's dequantized weight is saved for the backward (torchao)
+    saves_input: bool = False  # the input is saved for the backward (optimum-quanto)
+    row_scale: bool = False  # the output is scaled per row after the matmul, the scale saved (torchao int8)
 
     def dequantize(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if self.absmax_blocks:
@@ -260,6 +346,8 @@ def _make_stand_in(linear: nn.Linear, scheme: Any, dtype: torch.dtype, target: s
         state = torch.empty(extra, dtype=torch.uint8)
         bias = nn.Parameter(torch.empty(out_f, dtype=dtype), requires_grad=False) if linear.bias is not None else None
     bnb4 = scheme.name == "bnb-4bit"
+    backend = str(getattr(scheme, "backend", ""))
+    torchao = backend == "torchao" or scheme.name.startswith("torchao-")
     weight.compress_statistics = True  # type: ignore[attr-defined]
     weight.quant_type = "nf4"  # type: ignore[attr-defined]
     mod.weight = weight
@@ -275,6 +363,12 @@ def _make_stand_in(linear: nn.Linear, scheme: Any, dtype: torch.dtype, target: s
         absmax_blocks=math.ceil(out_f * in_f / 64) if bnb4 else 0,
         # bitsandbytes' CPU kernel (and its fused CUDA kernel up to 1536 rows) allocates only its output
         fused_max_rows=(BNB_FUSED_MAX_ROWS if target == "cuda" else sys.maxsize) if bnb4 else 0,
+        # torchao's weight-only tensors dequantize in the forward with plain ops (the same on any device):
+        # F.linear / mm saves that weight for the backward; Int8Tensor scales the output per row
+        saves_weight=torchao,
+        # optimum-quanto's QuantizedLinearFunction and hqq's HQQMatmulNoCache* save the input for the backward
+        saves_input=backend in ("quanto", "hqq") or scheme.name.startswith(("quanto-", "hqq-")),
+        row_scale=torchao and scheme.name == "torchao-int8",
     )
     return mod
 
@@ -396,57 +490,102 @@ def _cast_params(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
                     mod._parameters[pname] = new
 
 
+#: Set (to the simulated target) only inside :func:`_simulation_patches`: the wrappers installed in
+#: ``transformers.masking_utils`` answer differently only where it is set, so other threads (and other
+#: contexts of this one) keep the originals' behaviour while an estimate runs.
+_SIMULATING: contextvars.ContextVar[str | None] = contextvars.ContextVar("kbitprep_simulating", default=None)
+_INSTALL_LOCK = threading.Lock()
+
+
+def _install_mask_wrappers() -> None:
+    """Wrap transformers' two mask helpers the simulation changes, once per process (idempotent).
+
+    Outside a simulation (``_SIMULATING`` unset, in whatever thread) each wrapper calls the original
+    with the same arguments and returns what it returns.
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover - transformers is needed to build the model anyway
+        return
+    with _INSTALL_LOCK:
+        current = getattr(masking_utils, "_ignore_causal_mask_sdpa", None)
+        if current is not None and not getattr(current, "_kbitprep_wrapper", False):
+            original_ignore = current
+            try:
+                signature = inspect.signature(original_ignore)
+            except (TypeError, ValueError):  # pragma: no cover - other transformers versions
+                signature = None
+
+            @functools.wraps(original_ignore)
+            def ignore_causal_mask(*args: Any, **kwargs: Any) -> Any:
+                if _SIMULATING.get() is None or signature is None:
+                    return original_ignore(*args, **kwargs)
+                bound = signature.bind(*args, **kwargs)
+                for key in ("q_offset", "kv_offset"):  # fake offsets count as tracing; their values are not read
+                    if isinstance(bound.arguments.get(key), torch.Tensor):
+                        bound.arguments[key] = 0
+                return original_ignore(*bound.args, **bound.kwargs)
+
+            ignore_causal_mask._kbitprep_wrapper = True  # type: ignore[attr-defined]
+            masking_utils._ignore_causal_mask_sdpa = ignore_causal_mask
+        current = getattr(masking_utils, "find_packed_sequence_indices", None)
+        if current is not None and not getattr(current, "_kbitprep_wrapper", False):
+            original_find = current
+
+            @functools.wraps(original_find)
+            def find_packed(*args: Any, **kwargs: Any) -> Any:
+                if _SIMULATING.get() is None:
+                    return original_find(*args, **kwargs)
+                return None  # the simulated batch is not packed (its position ids are transformers' arange)
+
+            find_packed._kbitprep_wrapper = True  # type: ignore[attr-defined]
+            masking_utils.find_packed_sequence_indices = find_packed
+
+
 @contextlib.contextmanager
 def _simulation_patches(target: str) -> Iterator[None]:
     """What makes the real code take, on fake CPU tensors, the paths it takes on real tensors on ``target``.
 
+    Nothing process-wide changes behaviour: everything here is local to the calling context.
+
     * transformers' mask code treats fake tensors as tracing and then materializes the causal mask
       (on real tensors of an unpadded, unpacked batch it skips it and SDPA runs with
-      ``is_causal=True``): it is told the offsets are not traced and the batch is not packed;
+      ``is_causal=True``): inside this context only, it is told the offsets are not traced and the
+      batch is not packed (wrappers installed once, see :func:`_install_mask_wrappers`);
     * while simulating a GPU, ``torch.is_autocast_enabled()`` (no device: CUDA's, which PEFT's
-      bitsandbytes layer asks) answers for the CPU autocast the simulation runs under.
+      bitsandbytes layer asks) must answer as on the GPU: see :func:`_gpu_autocast_flag` (thread-local
+      state, no patch).
     """
-    saved: list[tuple[Any, str, Any]] = []
-
-    def patch(owner: Any, name: str, value: Any) -> None:
-        saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-
-    try:
-        from transformers import masking_utils
-
-        original_ignore = masking_utils._ignore_causal_mask_sdpa
-        signature = inspect.signature(original_ignore)
-
-        def ignore_causal_mask(*args: Any, **kwargs: Any) -> bool:
-            bound = signature.bind(*args, **kwargs)
-            for key in ("q_offset", "kv_offset"):  # fake offsets count as tracing; their values are not read
-                if isinstance(bound.arguments.get(key), torch.Tensor):
-                    bound.arguments[key] = 0
-            return bool(original_ignore(*bound.args, **bound.kwargs))
-
-        patch(masking_utils, "_ignore_causal_mask_sdpa", ignore_causal_mask)
-
-        def no_packing(*args: Any, **kwargs: Any) -> None:
-            return None  # the simulated batch is not packed (its position ids are transformers' arange)
-
-        patch(masking_utils, "find_packed_sequence_indices", no_packing)
-    except (ImportError, AttributeError, TypeError, ValueError):  # pragma: no cover - other transformers versions
-        pass
-    if target == "cuda":
-        original = torch.is_autocast_enabled
-
-        def patched(*args: Any, **kwargs: Any) -> bool:
-            if not args and not kwargs:
-                return bool(original("cpu"))
-            return bool(original(*args, **kwargs))
-
-        patch(torch, "is_autocast_enabled", patched)
+    _install_mask_wrappers()
+    token = _SIMULATING.set(target)
     try:
         yield
     finally:
-        for owner, name, value in reversed(saved):
-            setattr(owner, name, value)
+        _SIMULATING.reset(token)
+
+
+@contextlib.contextmanager
+def _gpu_autocast_flag(target: str, dtype: torch.dtype, enabled: bool) -> Iterator[None]:
+    """While simulating a GPU, CUDA's autocast flag and dtype as the GPU step has them (restored on exit).
+
+    The simulation runs on fake CPU tensors under CPU autocast; code that asks
+    ``torch.is_autocast_enabled()`` without a device (PEFT's bitsandbytes LoRA layer) reads CUDA's
+    flag. Setting it is thread-local and changes nothing for CPU tensors. It is set for the whole
+    step, the backward included, so the forwards that checkpointing recomputes in the backward see
+    it as on the GPU (where checkpointing restores CUDA autocast for them); nothing else in a
+    backward asks.
+    """
+    if target != "cuda":
+        yield
+        return
+    was_enabled, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", enabled)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", was_enabled)
+        torch.set_autocast_dtype("cuda", was_dtype)
 
 
 @dataclass(frozen=True)
@@ -461,7 +600,12 @@ class SimSetup:
         checkpointing: ``"reentrant"``, ``"non_reentrant"`` or ``"off"``.
         memory: the plan ``extras["memory"]`` dict of kbitprep's memory modes, or ``None``.
         batch / seq: tokens per step.
-        lora_r / lora_alpha / lora_targets: the LoRA config (``lora_targets``: PEFT's ``target_modules``).
+        lora_r / lora_alpha / lora_targets: the LoRA config (``lora_targets``: PEFT's ``target_modules``;
+            with ``"all-linear"``, the modules PEFT refuses on this model type, Mamba's ``out_proj`` and
+            ``conv1d``, are left out as a user must leave them out).
+        lora_experts: LoRA also on the fused expert weights (PEFT's ``target_parameters``, as
+            :func:`kbitprep.lora_config` with ``experts=True`` sets them).
+        lora_router: LoRA also on the routers (``router=True``).
         lr: AdamW's learning rate (no effect on memory).
         foreach: AdamW's ``foreach`` (the CUDA default).
         target: ``"cuda"`` (simulate the GPU paths) or ``"cpu"`` (the CPU paths, to check against a real CPU step).
@@ -493,6 +637,8 @@ class SimSetup:
     autocast: bool = True
     keep_outputs: bool = False
     offload_impl: str = "kbitprep"
+    lora_experts: bool = False
+    lora_router: bool = False
 
 
 @dataclass(frozen=True)
@@ -505,7 +651,13 @@ class SimResult:
         largest_alloc: the largest single allocation that is not a weight or adapter state.
         offloaded_bytes: the most bytes the offload hooks held in host memory at once.
         lora_params: trainable LoRA parameters.
-        notes: remarks on the simulation (a memory mode that stepped aside).
+        notes: remarks on this row's simulation (a memory mode that stepped aside).
+        model_notes: remarks on the model and its adapters, the same for every row of an estimate
+            (fused expert weights left in full precision and their share of the weight bytes;
+            modules PEFT refuses adapters on; no activation checkpointing in the model code).
+        unverified: why this figure is unverified, or ``""``: the scheme's GPU kernels allocate
+            differently from its CPU kernels, which are what the stand-ins were checked against
+            (see :data:`GPU_UNVERIFIED`).
     """
 
     peak_bytes: int
@@ -514,6 +666,8 @@ class SimResult:
     offloaded_bytes: int
     lora_params: int
     notes: tuple[str, ...] = ()
+    model_notes: tuple[str, ...] = ()
+    unverified: str = ""
 
 
 def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimResult:
@@ -526,19 +680,42 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     mode.cache_enabled = False  # the op cache's hashing costs more than it saves on one step
     model = meta_model
+    _check_routing(setup.config, model)
     for p in model.parameters():
         p.requires_grad_(False)
+    model_notes: list[str] = []
     if setup.scheme.quantizes:
+        exact = setup.scheme.name.startswith("bnb-")
+        read = _weights_read_directly(model, targets)
+        if read:
+            model_notes.append(_read_directly_note(read, setup.scheme.name))
         for name in targets:
             lin = model.get_submodule(name)
             assert isinstance(lin, nn.Linear)
+            if exact and type(lin) is not nn.Linear:
+                continue  # transformers' bitsandbytes integration converts nn.Linear itself only (not Llama4Router)
+            if name in read:
+                continue
             _set_module(model, name, _make_stand_in(lin, setup.scheme, setup.dtype, setup.target))
         if setup.scheme.name == "bnb-4bit":
             model.__dict__["is_loaded_in_4bit"] = True  # PEFT dispatches its bitsandbytes LoRA layer on this
+        model_notes[:0] = _expert_notes(model, setup.scheme)
+    if any("A_log" in mod._parameters for mod in model.modules()):  # Mamba / Mamba-2 mixers
+        model_notes.append(
+            "state-space (Mamba) layers run transformers' torch path here; the fused CUDA kernels of mamba_ssm and "
+            "causal-conv1d, which transformers uses where they are installed, are not simulated"
+        )
     _cast_params(model, setup.param_dtypes)
     vocab = int(getattr(setup.config, "vocab_size", 0) or 0)
-    if setup.checkpointing != "off":
-        kwargs = {"use_reentrant": setup.checkpointing == "reentrant", "preserve_rng_state": False}
+    checkpointing = setup.checkpointing
+    if checkpointing != "off" and not getattr(model, "supports_gradient_checkpointing", True):
+        checkpointing = "off"
+        model_notes.append(
+            f"{type(model).__name__} does not support activation checkpointing: every row is simulated without it "
+            "(kbitprep.prepare leaves it off; PEFT's prepare_model_for_kbit_training raises on this model)"
+        )
+    if checkpointing != "off":
+        kwargs = {"use_reentrant": checkpointing == "reentrant", "preserve_rng_state": False}
         hf: Any = model
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(hf, "enable_input_require_grads"):
@@ -550,15 +727,31 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         if state is not None and state.offload:
             offload = _SimSaveOnCpu() if setup.offload_impl == "save_on_cpu" else _fake_offload_hooks()
             state.offloader = offload
+    target_modules, left_out = _lora_target_modules(model, setup.lora_targets)
+    if left_out:
+        model_notes.append(f"LoRA on all-linear without some layers: {'; '.join(left_out)}")
+    extra: dict[str, Any] = {}
+    parameters = _lora_target_parameters(model, setup.lora_experts, setup.lora_router)
+    if parameters:
+        extra["target_parameters"] = parameters
     lora = peft.LoraConfig(
         r=setup.lora_r,
         lora_alpha=setup.lora_alpha,
         lora_dropout=0.0,
-        target_modules=setup.lora_targets,
+        target_modules=target_modules,
         task_type="CAUSAL_LM",
+        **extra,
     )
     with torch.device("meta"):
         pmodel = peft.get_peft_model(model, lora)
+    added = sorted(set(getattr(pmodel.peft_config["default"], "target_parameters", None) or ()) - set(parameters))
+    if added and target_modules == "all-linear":
+        wrapped = sum(1 for m in pmodel.modules() if type(m).__name__ == "ParamWrapper")
+        model_notes.append(
+            f"PEFT's all-linear on this model type also adapts {', '.join(added)} ({wrapped} parameters, through "
+            "its transformers-v5 MoE mapping, with rank 2r on fused gate/up experts): kbitprep.lora_config(model) "
+            "adapts neither the experts nor the router (experts=True adds the experts)"
+        )
     _fakify(pmodel, mode)
     with mode:
         trainable = [p for p in pmodel.parameters() if p.requires_grad]
@@ -588,11 +781,18 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
                     tracker.register(v, "adapters")
         tracker.register(ids, "weights")
         tracker.register(labels, "weights")
-        with mode, tracker, tracker.saved_hooks(), _simulation_patches(setup.target), warnings.catch_warnings():
+        with (
+            mode,
+            tracker,
+            tracker.saved_hooks(),
+            _simulation_patches(setup.target),
+            _gpu_autocast_flag(setup.target, setup.dtype, setup.autocast),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             for _ in range(setup.steps):
                 with torch.autocast("cpu", dtype=setup.dtype, enabled=setup.autocast):
-                    result = pmodel(input_ids=ids, labels=labels)
+                    result = pmodel(input_ids=ids, labels=labels, use_cache=False)  # no KV cache in training
                 loss = result.loss
                 if not setup.keep_outputs:
                     del result
@@ -626,7 +826,138 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         offloaded_bytes=int(offload.peak_host_bytes) if offload is not None else 0,
         lora_params=sum(p.numel() for p in trainable),
         notes=notes,
+        model_notes=tuple(model_notes),
+        unverified=GPU_UNVERIFIED.get(setup.scheme.name, "") if setup.target == "cuda" else "",
     )
+
+
+_WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b")
+
+
+def _weights_read_directly(model: nn.Module, targets: list[str]) -> list[str]:
+    """The ``targets`` whose weight the model code reads directly (``self.dt_proj.weight @ x`` in Mamba and
+    Jamba, ``self.classifier.weight`` in LongCat's router) instead of calling the layer: read from the
+    source of the parent module's ``forward``. A quantized weight cannot serve such a read."""
+    found: list[str] = []
+    reads: dict[type, set[str]] = {}
+    for name in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        cls = type(parent)
+        if cls not in reads:
+            try:
+                reads[cls] = set(_WEIGHT_READ.findall(inspect.getsource(cls.forward)))
+            except (OSError, TypeError):
+                reads[cls] = set()
+        if leaf in reads[cls]:
+            found.append(name)
+    return found
+
+
+def _read_directly_note(names: list[str], scheme: str) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if scheme.startswith("bnb-"):
+        how = (
+            "bitsandbytes' packed weight cannot serve that read, so training fails as loaded: load with "
+            f"BitsAndBytesConfig(..., llm_int8_skip_modules={leaves!r}); estimated so, those layers unquantized"
+        )
+    else:
+        how = "estimated with those layers unquantized"
+    return (
+        f"the model code reads the weight of {', '.join(leaves)} ({len(names)} layers) directly in its forward: {how}"
+    )
+
+
+def _check_routing(config: Any, model: nn.Module) -> None:
+    """Raise :class:`~kbitprep.errors.ConfigError` when an MoE config leaves the experts per token unset
+    (DeepSeek-V2's default config): the routers cannot choose experts, and real training fails the same way."""
+    from .._experts import expert_parameters, router_modules
+    from ..errors import ConfigError
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    unset = "num_experts_per_tok" in vars(text) and text.num_experts_per_tok is None
+    if unset and (expert_parameters(model) or router_modules(model)):
+        raise ConfigError(
+            f"this {getattr(config, 'model_type', '?')} config has num_experts_per_tok=None, so its routers "
+            "cannot choose experts (a training step fails the same way): set num_experts_per_tok to the "
+            "checkpoint's value in the config"
+        )
+
+
+def _expert_notes(model: nn.Module, scheme: Any) -> tuple[str, ...]:
+    """The fused-expert note of the model as loaded: the stand-ins hold the quantized storage bytes, as
+    the loaded layers do, so the share is the one a plan of the loaded model reports."""
+    from .._experts import fused_expert_note
+
+    integration = {"bnb-4bit": "bitsandbytes", "bnb-8bit": "bitsandbytes"}.get(
+        scheme.name, str(getattr(scheme, "backend", "") or scheme.name)
+    )
+    return fused_expert_note(model, integration)
+
+
+def _lora_target_modules(model: nn.Module, targets: Any) -> tuple[Any, list[str]]:
+    """PEFT's ``target_modules`` for ``targets`` and what ``"all-linear"`` leaves out on this model (notes).
+
+    ``"all-linear"`` stays as it is unless some of the layers PEFT expands it to must not take an
+    adapter: the routers of mixture-of-experts layers (as :func:`kbitprep.lora_targets` leaves them
+    out; some are ``nn.Linear`` subclasses returning a tuple, which PEFT's LoRA layer cannot wrap)
+    and the layers PEFT refuses on this model type (its Mamba check: ``out_proj`` and ``conv1d``).
+    Then it becomes the explicit list without them, which is what a user has to pass.
+    """
+    if targets != "all-linear":
+        return targets, []
+    try:
+        import peft
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba, _maybe_include_all_linear_layers
+    except ImportError:  # pragma: no cover - other PEFT versions: PEFT decides
+        return targets, []
+    from .._experts import inside, router_modules
+
+    probe: Any = _maybe_include_all_linear_layers(peft.LoraConfig(target_modules="all-linear"), model)
+    wanted = set(probe.target_modules or ())  # leaf names, or full names where PEFT keeps them
+    linear = [
+        name for name, _ in model.named_modules() if name and (name in wanted or name.rsplit(".", 1)[-1] in wanted)
+    ]
+    refused: list[str] = []
+    for leaf in sorted({n.rsplit(".", 1)[-1] for n in linear}):
+        try:
+            _check_lora_target_modules_mamba(probe, model, leaf)
+        except ValueError:
+            refused.append(leaf)
+    routers = router_modules(model)
+    mods = dict(model.named_modules())
+    own = [n for n in linear if _own_forward(mods[n]) and not inside(n, routers)]
+    kept = [n for n in linear if n.rsplit(".", 1)[-1] not in refused and not inside(n, routers) and n not in own]
+    if len(kept) == len(linear):
+        return targets, []
+    notes = []
+    if refused:
+        notes.append(f"PEFT refuses LoRA on {', '.join(refused)} in this model type")
+    left = [n for n in linear if inside(n, routers)]
+    if left:
+        notes.append(f"the {len(left)} router layers take no adapter (kbitprep.lora_config leaves them out)")
+    if own:
+        classes = ", ".join(sorted({type(mods[n]).__name__ for n in own}))
+        notes.append(
+            f"{len(own)} nn.Linear subclasses whose forward is not x @ W.T ({classes}) take no adapter: PEFT's LoRA "
+            "layer assumes it (kbitprep.lora_config leaves them out)"
+        )
+    return kept, notes
+
+
+def _own_forward(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass whose forward is not a linear map of its input (not a quantized stand-in)."""
+    from .._lora import acts_as_linear
+
+    forward = getattr(type(mod), "forward", None)
+    return isinstance(mod, nn.Linear) and forward is not _stand_in_forward and not acts_as_linear(mod)
+
+
+def _lora_target_parameters(model: nn.Module, experts: bool, router: bool) -> list[str]:
+    """PEFT's ``target_parameters`` as :func:`kbitprep.lora_config` sets them for ``experts`` / ``router``."""
+    from .._lora import target_parameters
+
+    return target_parameters(model, experts=experts, router=router)
 
 
 @dataclass
@@ -635,9 +966,15 @@ class _PlanLike:
 
 
 def _quant_state_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    """The tensors of bitsandbytes quantization states (not parameters or buffers)."""
+    """The tensors of quantization states that are neither parameters nor buffers: bitsandbytes'
+    ``quant_state`` (absmax, code, offset, nested) and hqq's ``meta`` dict (scale, zero)."""
     seen: set[int] = set()
     for mod in model.modules():
+        meta = getattr(mod, "meta", None)
+        if isinstance(meta, dict):
+            for value in meta.values():
+                if isinstance(value, torch.Tensor):
+                    yield value
         state = getattr(getattr(mod, "weight", None), "quant_state", None)
         while state is not None and id(state) not in seen:
             seen.add(id(state))

@@ -1,0 +1,69 @@
+"""Mixture-of-experts layers: the fused expert weights and the routers of a model.
+
+transformers stores the experts of most MoE families (Mixtral, Qwen MoE, DeepSeek, GPT-OSS ...) as
+fused 3-D parameters (``experts x out x in``, or transposed) that one grouped matmul uses, not as
+``nn.Linear`` layers. Quantization integrations convert ``nn.Linear`` layers only, so those
+weights stay in the loaded float dtype, and PEFT reaches them only through ``target_parameters``.
+A router (the module choosing the experts of each token) is a module whose class name ends in
+``Router`` (``MixtralTopKRouter``, ``Llama4Router`` ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+__all__ = ["expert_parameters", "fused_expert_note", "router_modules"]
+
+
+def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The fused expert weights of ``model``: its floating-point parameters of 3 or more dimensions
+    outside convolution layers (whose kernels are 3-D+ too, and not experts), by qualified name,
+    tied ones once, in model order."""
+    found: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            continue
+        for local, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 3 and p.dtype.is_floating_point and id(p) not in seen:
+                seen.add(id(p))
+                found.append((f"{mod_name}.{local}" if mod_name else local, p))
+    return found
+
+
+def fused_expert_note(model: nn.Module, integration: str = "bitsandbytes") -> tuple[str, ...]:
+    """A note when fused expert weights stay in full precision (empty when the model has none).
+
+    Their share is of the bytes of every parameter of ``model`` as it is (a loaded quantized model:
+    its quantized storage as stored), as :mod:`kbitprep_plugins.bitsandbytes` reports it in a plan.
+
+    Args:
+        model: the model as loaded (or a stand-in holding the same bytes).
+        integration: the quantization library whose transformers integration is meant.
+    """
+    fused = [p for _, p in expert_parameters(model)]
+    if not fused:
+        return ()
+    fused_bytes = sum(p.numel() * p.element_size() for p in fused)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (
+        f"{len(fused)} fused expert weights (3-D parameters, {100 * fused_bytes / max(total, 1):.0f}% of the "
+        f"loaded bytes) stay in full precision: transformers' {integration} integration converts nn.Linear layers "
+        "only, so this model is only partly quantized",
+    )
+
+
+def router_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the routers of ``model`` (modules whose class name ends in ``Router``), outermost only."""
+    names: list[str] = []
+    for name, mod in model.named_modules():
+        if name and type(mod).__name__.endswith("Router") and not any(name.startswith(f"{n}.") for n in names):
+            names.append(name)
+    return names
+
+
+def inside(name: str, roots: Iterable[str]) -> bool:
+    """Whether the module or parameter ``name`` is one of ``roots`` or lies inside one."""
+    return any(name == r or name.startswith(f"{r}.") for r in roots)
