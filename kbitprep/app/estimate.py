@@ -38,7 +38,7 @@ from torch import nn
 
 from .._render import format_bytes, table
 from ..errors import InvalidPolicyError, KbitprepError, UnsupportedModelError
-from .estimate_sim import PARTS, SimSetup, simulate
+from .estimate_sim import PARTS, TRAINERS, SimSetup, simulate
 from .output import emit_json
 
 __all__ = [
@@ -541,6 +541,7 @@ def estimate(
     keep_logits: bool = False,
     exact: bool = False,
     progress: bool = False,
+    trainer: str = "plain",
 ) -> Estimate:
     """Predict the peak GPU memory of one LoRA / QLoRA training step, without a GPU.
 
@@ -568,6 +569,10 @@ def estimate(
             (transformers' Trainer does not: it keeps the loss only).
         exact: simulate every layer instead of extrapolating from 1 and 2.
         progress: print progress to stderr.
+        trainer: the training stack the rows predict: ``"plain"`` (a loop or transformers' ``Trainer``:
+            ``model(..., labels=...)``) or ``"trl"`` (TRL's SFT/DPO/GRPO/KTO trainers, which call
+            ``model(..., fused_lm_head=True)``: TRL's fused head, or kbitprep's chunked head where it
+            serves those calls; see docs/training.md).
 
     Raises:
         InvalidPolicyError: an invalid option (the message says what is valid).
@@ -624,7 +629,10 @@ def estimate(
     resolved = [_resolve_variant(v, scheme) for v in chosen]
     layers = _depth(config)
     sims: tuple[int, ...] = (layers,) if exact or layers <= EXACT_MAX_LAYERS else _FIT_LAYERS
+    if trainer not in TRAINERS:
+        raise InvalidPolicyError(f"trainer={trainer!r} is not valid; use one of {', '.join(map(repr, TRAINERS))}")
     common = {
+        "trainer": trainer,
         "batch": batch,
         "seq": seq,
         "lora_r": lora_r,
@@ -695,6 +703,13 @@ def estimate(
         "quantized linears are stand-ins holding the scheme's bytes (bitsandbytes 4-bit: dequantized weight "
         "and fp32 absmax as transients, as its CUDA kernels allocate); kernel workspaces are not counted"
     )
+    if trainer == "trl":
+        notes.append(
+            "trainer trl: each row trains through TRL's fused head (fused_lm_head=True, as SFTTrainer and DPOTrainer "
+            "call the model); with kbitprep's chunked head, kbitprep's head serves those calls on CPU and TRL's on "
+            "CUDA, where it is simulated by its torch fallback, which allocates more than its Triton kernel: an "
+            "upper bound for its share"
+        )
     if any(r.memory.get("offload") for r in rows):
         notes.append("offload rows count device memory only; the offloaded bytes sit in pinned host memory")
     if gpu is not None:
@@ -819,6 +834,13 @@ def add_estimate_parser(
         "as 24GB has that), 24GB is 24 x 10^9 bytes, a plain number is bytes",
     )
     p.add_argument("--exact", action="store_true", help="simulate every layer (slower)")
+    p.add_argument(
+        "--trainer",
+        choices=list(TRAINERS),
+        default="plain",
+        help="the training stack: plain (a loop or transformers' Trainer) or trl (TRL's SFT/DPO/GRPO/KTO "
+        "trainers, which call the model with fused_lm_head=True)",
+    )
     p.add_argument("--keep-logits", action="store_true", help="the training loop holds the logits through backward")
     if not any(a.dest == "json" for a in p._actions):
         p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -853,6 +875,7 @@ def run_estimate(args: argparse.Namespace, out: Any = None) -> int:
         keep_logits=bool(getattr(args, "keep_logits", False)),
         exact=bool(getattr(args, "exact", False)),
         progress=not getattr(args, "json", False) and sys.stderr.isatty(),
+        trainer=getattr(args, "trainer", "plain"),
     )
     if getattr(args, "json", False):
         emit_json({"command": "estimate", **result.to_dict()}, out)

@@ -639,6 +639,13 @@ class SimSetup:
     offload_impl: str = "kbitprep"
     lora_experts: bool = False
     lora_router: bool = False
+    trainer: str = "plain"
+
+
+#: The training stacks the estimate simulates: ``plain`` (a loop or ``Trainer``: ``model(..., labels=...)``)
+#: and ``trl`` (TRL's SFT/DPO/GRPO/KTO trainers: the causal LM patched with ``add_fused_lm_head`` and called
+#: with ``fused_lm_head=True``; kbitprep's head serves those calls on CPU, TRL's on CUDA).
+TRAINERS = ("plain", "trl")
 
 
 @dataclass(frozen=True)
@@ -676,6 +683,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .._memory import apply_memory_modes, state_of
+    from .._memory.trl_fused import decide_as_on
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     mode.cache_enabled = False  # the op cache's hashing costs more than it saves on one step
@@ -752,6 +760,13 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
             "its transformers-v5 MoE mapping, with rank 2r on fused gate/up experts): kbitprep.lora_config(model) "
             "adapts neither the experts nor the router (experts=True adds the experts)"
         )
+    fused: dict[str, Any] = {}
+    if setup.trainer == "trl":
+        from trl.trainer.utils import add_fused_lm_head
+
+        # as SFTTrainer does: the causal LM under the PEFT model, with the statistics its metrics read
+        add_fused_lm_head(pmodel.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))  # type: ignore[arg-type]
+        fused = {"fused_lm_head": True}
     _fakify(pmodel, mode)
     with mode:
         trainable = [p for p in pmodel.parameters() if p.requires_grad]
@@ -787,12 +802,13 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
             tracker.saved_hooks(),
             _simulation_patches(setup.target),
             _gpu_autocast_flag(setup.target, setup.dtype, setup.autocast),
+            decide_as_on(setup.target),  # which head serves TRL's fused calls: as on the target device
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore")
             for _ in range(setup.steps):
                 with torch.autocast("cpu", dtype=setup.dtype, enabled=setup.autocast):
-                    result = pmodel(input_ids=ids, labels=labels, use_cache=False)  # no KV cache in training
+                    result = pmodel(input_ids=ids, labels=labels, use_cache=False, **fused)  # no KV cache
                 loss = result.loss
                 if not setup.keep_outputs:
                     del result
