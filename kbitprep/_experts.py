@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["expert_parameters", "fused_expert_note", "router_modules"]
+__all__ = ["expert_parameters", "fused_expert_figures", "fused_expert_text", "router_modules"]
 
 
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -33,25 +33,30 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return found
 
 
-def fused_expert_note(model: nn.Module, integration: str = "bitsandbytes") -> tuple[str, ...]:
-    """A note when fused expert weights stay in full precision (empty when the model has none).
-
-    Their share is of the bytes of every parameter of ``model`` as it is (a loaded quantized model:
-    its quantized storage as stored), as :mod:`kbitprep_plugins.bitsandbytes` reports it in a plan.
-
-    Args:
-        model: the model as loaded (or a stand-in holding the same bytes).
-        integration: the quantization library whose transformers integration is meant.
-    """
-    fused = [p for _, p in expert_parameters(model)]
-    if not fused:
-        return ()
-    fused_bytes = sum(p.numel() * p.element_size() for p in fused)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+def fused_expert_figures(modules: Iterable[nn.Module]) -> tuple[int, int, int]:
+    """``(count, bytes, all bytes)``: the fused expert weights among the parameters of ``modules`` (each
+    module's own, not its children's; tied ones once), their bytes, and the bytes of every parameter
+    there, as stored (a loaded quantized model: its quantized storage)."""
+    every: dict[int, nn.Parameter] = {}
+    fused: dict[int, nn.Parameter] = {}
+    for mod in modules:
+        for p in mod.parameters(recurse=False):
+            every[id(p)] = p
+            if not isinstance(mod, nn.modules.conv._ConvNd) and p.dim() >= 3 and p.dtype.is_floating_point:
+                fused[id(p)] = p
     return (
-        f"{len(fused)} fused expert weights (3-D parameters, {100 * fused_bytes / max(total, 1):.0f}% of the "
+        len(fused),
+        sum(p.numel() * p.element_size() for p in fused.values()),
+        sum(p.numel() * p.element_size() for p in every.values()),
+    )
+
+
+def fused_expert_text(count: int, fused_bytes: int, total_bytes: int, integration: str) -> str:
+    """The note for ``count`` fused expert weights of ``fused_bytes`` among ``total_bytes`` loaded bytes."""
+    return (
+        f"{count} fused expert weights (3-D parameters, {100 * fused_bytes / max(total_bytes, 1):.0f}% of the "
         f"loaded bytes) stay in full precision: transformers' {integration} integration converts nn.Linear layers "
-        "only, so this model is only partly quantized",
+        "only, so this model is only partly quantized"
     )
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "class_path",
     "detect_layers",
     "find_modules",
+    "fused_expert_note",
     "hf_quantizer",
     "is_plain_tensor",
     "missing_packages",
@@ -503,6 +504,24 @@ def module_index(model: nn.Module) -> ModuleIndex:
     if scope.index is None:
         scope.index = ModuleIndex(model)
     return scope.index
+
+
+def fused_expert_note(model: nn.Module, integration: str) -> tuple[str, ...]:
+    """A note for a plan when ``model``'s fused expert weights stay in full precision (empty when it has none).
+
+    Mixture-of-experts families of transformers 5 (Mixtral, Qwen MoE, DeepSeek, GPT-OSS ...) store each
+    layer's experts as fused 3-D parameters, which integrations that convert ``nn.Linear`` layers leave
+    in the loaded dtype. The note gives their number and their share of the model's bytes as loaded
+    (quantized storage as stored). Reads the plan's :func:`module_index`.
+
+    Args:
+        model: the model as loaded.
+        integration: the quantization library whose transformers integration loaded it (``"bitsandbytes"``).
+    """
+    from ._experts import fused_expert_figures, fused_expert_text
+
+    count, fused_bytes, total = fused_expert_figures(module_index(model).values())
+    return (fused_expert_text(count, fused_bytes, total, integration),) if count else ()
 
 
 def find_modules(model: nn.Module, *classes: str | type) -> list[str]:

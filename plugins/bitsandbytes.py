@@ -18,6 +18,7 @@ from kbitprep.plugin import (
     Scheme,
     ShardedStorage,
     class_path,
+    fused_expert_note,
     hf_quantizer,
     module_index,
     quantization_setting,
@@ -192,24 +193,7 @@ def _warnings(model: nn.Module, detection: Detection, kind: str, layer_class: st
 def _unconverted_experts(model: nn.Module) -> tuple[str, ...]:
     """A note when fused expert weights (3-D parameters, as in Mixtral / Qwen MoE) stay in full precision:
     transformers' bitsandbytes integration converts ``nn.Linear`` layers only."""
-    modules = module_index(model).values()
-    fused = [
-        p
-        for m in modules
-        if not isinstance(m, nn.modules.conv._ConvNd)  # convolution kernels are 3-D+ too, and not experts
-        for p in m.parameters(recurse=False)
-        if p.dim() >= 3 and p.dtype.is_floating_point
-    ]
-    if not fused:
-        return ()
-    fused_bytes = sum(p.numel() * p.element_size() for p in fused)
-    every = {id(p): p for m in modules for p in m.parameters(recurse=False)}  # tied parameters once
-    total = sum(p.numel() * p.element_size() for p in every.values())
-    return (
-        f"{len(fused)} fused expert weights (3-D parameters, {100 * fused_bytes / max(total, 1):.0f}% of the "
-        "loaded bytes) stay in full precision: transformers' bitsandbytes integration converts nn.Linear layers "
-        "only, so this model is only partly quantized",
-    )
+    return fused_expert_note(model, "bitsandbytes")
 
 
 def _packed(mod: nn.Module) -> list[nn.Parameter]:

@@ -20,7 +20,7 @@ from torch import nn
 
 import kbitprep
 from kbitprep.app.estimate import Variant, _resolve_variant, _simulate_variant
-from kbitprep.app.estimate_sim import GPU_UNVERIFIED, SimResult, measure_step
+from kbitprep.app.estimate_sim import GPU_UNVERIFIED, SimResult, expert_note, measure_step
 from kbitprep.app.metaplan import SCHEMES
 
 from .test_lora_experts import tiny_moe_config
@@ -149,7 +149,7 @@ def test_moe_estimate_matches_a_real_cpu_step(case: str) -> None:
     make, variant, experts = MOE_CASES[case]
     real, sim = real_and_simulated(make(), "bnb-4bit", variant, _nf4(), experts=experts)
     assert sim.peak_bytes == pytest.approx(real, rel=TOLERANCE), (case, sim.peak_bytes, real, sim.parts)
-    assert any("fused expert weights" in n for n in sim.model_notes)
+    assert sim.fused_experts[0] == 2 * 2  # gate/up and down in each of the 2 layers
 
 
 def test_hybrid_estimate_matches_a_real_cpu_step() -> None:
@@ -278,13 +278,26 @@ def test_the_estimate_says_the_experts_stay_in_full_precision() -> None:
     rv = _resolve_variant(Variant("default"), SCHEMES["bnb-4bit"])
     common = dict(batch=1, seq=8, lora_r=4, lora_alpha=8, lora_targets="all-linear")
     sim = _simulate_variant(cfg, SCHEMES["bnb-4bit"], torch.bfloat16, rv, common)
-    note = next(n for n in sim.model_notes if "fused expert weights" in n)
+    note = expert_note(sim.fused_experts, SCHEMES["bnb-4bit"])
     assert note.startswith("4 fused expert weights (3-D parameters, ")
     assert "bitsandbytes integration converts nn.Linear layers only" in note
     none = _simulate_variant(
         cfg, SCHEMES["none"], torch.bfloat16, _resolve_variant(Variant("default"), SCHEMES["none"]), common
     )
-    assert not any("fused expert" in n for n in none.model_notes)  # nothing is quantized: nothing to say
+    assert none.fused_experts == (0, 0, 0)  # nothing is quantized: nothing to say
+    assert expert_note(none.fused_experts, SCHEMES["none"]) == ""
+
+
+def test_the_expert_note_describes_the_whole_model_when_layers_are_extrapolated() -> None:
+    """A 10-layer model is simulated with 1 and 2 layers; its note counts the experts of all 10 layers and
+    their share of all 10 layers' bytes, as simulating every layer does."""
+    cfg = tiny_moe_config("qwen3_moe", num_hidden_layers=10)
+    fit = kbitprep.estimate(cfg, batch=1, seq=8, variants=["default"])
+    every = kbitprep.estimate(cfg, batch=1, seq=8, variants=["default"], exact=True)
+    assert fit.simulated_layers == (1, 2) and every.simulated_layers == (10,)
+    notes = [n for n in fit.notes if "fused expert weights" in n]
+    assert len(notes) == 1 and notes[0].startswith("20 fused expert weights"), fit.notes
+    assert notes == [n for n in every.notes if "fused expert weights" in n]
 
 
 def test_models_without_checkpointing_are_estimated_without_it() -> None:
@@ -351,3 +364,63 @@ def test_an_moe_config_without_experts_per_token_is_a_config_error() -> None:
     assert cfg.num_experts_per_tok is None
     with pytest.raises(ConfigError, match="num_experts_per_tok=None"):
         kbitprep.estimate(cfg, batch=1, seq=8, variants=["default"])
+
+
+# --------------------------------------------------------------------------- the public output
+
+
+def test_unverified_rows_say_so_in_the_table_the_json_and_the_notes() -> None:
+    """An estimate of a scheme whose CUDA kernels the CPU cannot show (bitsandbytes 8-bit) marks every row
+    "verified on GPU: NO" and says why in a note; a checked scheme (bitsandbytes 4-bit) says "yes"."""
+    cfg = tiny_moe_config("qwen3_moe")
+    int8 = kbitprep.estimate(cfg, batch=1, seq=16, quantization="bnb-8bit", variants=["peft", "default"])
+    nf4 = kbitprep.estimate(cfg, batch=1, seq=16, quantization="bnb-4bit", variants=["peft", "default"])
+    assert [r.unverified for r in int8.rows] == [GPU_UNVERIFIED["bnb-8bit"]] * 2
+    assert [r.unverified for r in nf4.rows] == ["", ""]
+    assert [r["unverified"] for r in int8.to_dict()["rows"]] == [GPU_UNVERIFIED["bnb-8bit"]] * 2
+
+    def gpu_line(est: Any) -> list[str]:
+        return next(t for t in est.render().splitlines() if t.startswith("verified on GPU")).split()[3:]
+
+    assert gpu_line(int8) == ["NO", "(see", "note)"] * 2
+    assert f"bnb-8bit rows are unverified on a GPU: {GPU_UNVERIFIED['bnb-8bit']}" in int8.notes
+    assert not any("unverified" in n for n in nf4.notes)
+    assert gpu_line(nf4) == ["yes"] * 2
+    # the fused experts stay bf16 under bitsandbytes: the notes say so, with their share of the bytes
+    assert any(n.startswith("4 fused expert weights (3-D parameters, ") for n in nf4.notes), nf4.notes
+
+
+def test_the_estimate_counts_expert_and_router_adapters_when_asked(tmp_path: Path) -> None:
+    """``lora_experts`` adds the fused expert adapters (PEFT's ``target_parameters``) to the attention ones;
+    ``lora_router`` adds one r x (hidden + experts) adapter per layer's router. The command line's
+    ``--lora-experts`` / ``--lora-router`` give the same numbers."""
+    import argparse
+    import io
+    import json
+
+    from kbitprep.app.estimate import add_estimate_parser, run_estimate
+
+    cfg = tiny_moe_config("qwen3_moe")
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    runs = {
+        (e, r): kbitprep.estimate(
+            cfg, batch=1, seq=16, variants=["default"], lora_targets=attn, lora_experts=e, lora_router=r
+        )
+        for e, r in ((False, False), (True, False), (True, True))
+    }
+    plain, experts, router = runs[False, False], runs[True, False], runs[True, True]
+    assert experts.lora_params > plain.lora_params
+    assert experts.row("default").parts["adapters"] > plain.row("default").parts["adapters"]
+    r, layers = 16, cfg.num_hidden_layers
+    assert router.lora_params - experts.lora_params == layers * r * (cfg.hidden_size + cfg.num_experts)
+
+    parser = argparse.ArgumentParser()
+    add_estimate_parser(parser.add_subparsers(dest="command"))
+    path = tmp_path / "config.json"
+    cfg.to_json_file(path)
+    argv = ["estimate", "--config", str(path), "--batch", "1", "--seq", "16", "--lora-targets", ",".join(attn)]
+    out = io.StringIO()
+    assert run_estimate(parser.parse_args([*argv, "--memory", "chunked_head", "--lora-experts", "--json"]), out) == 0
+    assert json.loads(out.getvalue())["lora_params"] == experts.lora_params
+    with pytest.raises(kbitprep.errors.InvalidPolicyError, match="lora_experts='yes' must be True or False"):
+        kbitprep.estimate(cfg, lora_experts="yes")  # type: ignore[arg-type]

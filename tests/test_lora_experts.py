@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 import kbitprep
-from kbitprep._experts import expert_parameters, fused_expert_note, router_modules
+from kbitprep._experts import expert_parameters, router_modules
 from kbitprep._lora import expert_target_parameters
+from kbitprep.plugin import fused_expert_note
 from kbitprep.testing import model_state, storage_digest
 
 from .tiny import batch, nf4_config
@@ -154,12 +155,18 @@ def test_linear_routers_are_left_out_of_the_module_targets() -> None:
 
 
 def test_fused_expert_note_matches_the_bitsandbytes_plan_note() -> None:
-    """One wording and one share for the plan's note (the bnb plugin) and the estimate's."""
+    """One wording and one share for the plan's note (the bnb plugin, through the contract's
+    ``fused_expert_note``) and the estimate's."""
     from kbitprep_plugins.bitsandbytes import _unconverted_experts
 
+    from kbitprep._experts import fused_expert_figures
+    from kbitprep.app.estimate_sim import expert_note
+    from kbitprep.app.metaplan import SCHEMES
+
     model = load_nf4("mixtral")
-    note = fused_expert_note(model)
-    assert note == _unconverted_experts(model)
+    note = fused_expert_note(model, "bitsandbytes")
+    from_figures = expert_note(fused_expert_figures(model.modules()), SCHEMES["bnb-4bit"])
+    assert note == _unconverted_experts(model) == (from_figures,)
     fused = sum(p.numel() * p.element_size() for _, p in expert_parameters(model))
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     assert f"{100 * fused / total:.0f}% of the loaded bytes" in note[0]

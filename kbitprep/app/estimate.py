@@ -38,7 +38,7 @@ from torch import nn
 
 from .._render import format_bytes, table
 from ..errors import InvalidPolicyError, KbitprepError, UnsupportedModelError
-from .estimate_sim import PARTS, TRAINERS, SimSetup, simulate
+from .estimate_sim import PARTS, TRAINERS, SimSetup, expert_note, simulate
 from .output import emit_json
 
 __all__ = [
@@ -131,6 +131,8 @@ class EstimateRow:
         fits: whether the peak fits ``gpu_memory`` (``None`` when none was given).
         max_batch: the largest batch (at the estimate's sequence length) that fits ``gpu_memory``.
         max_seq: the largest sequence length (at the estimate's batch) that fits ``gpu_memory``.
+        unverified: why this row's figure is unverified on a GPU, or ``""``: the scheme's CUDA kernels
+            allocate differently from the CPU kernels its stand-ins were checked against.
     """
 
     variant: str
@@ -144,6 +146,7 @@ class EstimateRow:
     fits: bool | None = None
     max_batch: int | None = None
     max_seq: int | None = None
+    unverified: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -159,6 +162,7 @@ class EstimateRow:
             "fits": self.fits,
             "max_batch": self.max_batch,
             "max_seq": self.max_seq,
+            "unverified": self.unverified,
         }
 
 
@@ -254,6 +258,7 @@ class Estimate:
         if base:
             body.append([f"x {names[0]}", *(f"{r.peak_bytes / base:.2f}x" for r in self.rows)])
         body.append(["largest single transient", *(format_bytes(r.largest_transient_bytes) for r in self.rows)])
+        body.append(["verified on GPU", *("NO (see note)" if r.unverified else "yes" for r in self.rows)])
         body.append(["upcast", *(r.upcast for r in self.rows)])
         body.append(["checkpointing", *(r.checkpointing for r in self.rows)])
         body.append(["chunked head (tokens)", *(str(r.memory.get("chunked_head", 0) or "-") for r in self.rows)])
@@ -492,7 +497,7 @@ def _simulate_variant(
     and depth needs one, and they depend on nothing else."""
     from .._memory import memory_plan
     from ..plugin import CheckpointMode
-    from .metaplan import build_meta_model, converted_linears, plan_from_config
+    from .metaplan import build_meta_model, plan_from_config, quantized_linears
 
     key = (id(config), str(rv.upcast))
     meta_plan = plans.get(key) if plans is not None else None
@@ -502,7 +507,7 @@ def _simulate_variant(
             plans[key] = meta_plan
     plan = meta_plan.peft if rv.peft else meta_plan.plan
     model = build_meta_model(config, dtype)
-    targets = converted_linears(model) if scheme.quantizes else []
+    targets = quantized_linears(model, scheme)
     memory = None
     if rv.memory:
         extras, _ = memory_plan(rv.modes, model, CheckpointMode(rv.checkpointing))
@@ -542,6 +547,8 @@ def estimate(
     exact: bool = False,
     progress: bool = False,
     trainer: str = "plain",
+    lora_experts: bool = False,
+    lora_router: bool = False,
 ) -> Estimate:
     """Predict the peak GPU memory of one LoRA / QLoRA training step, without a GPU.
 
@@ -573,12 +580,16 @@ def estimate(
             ``model(..., labels=...)``) or ``"trl"`` (TRL's SFT/DPO/GRPO/KTO trainers, which call
             ``model(..., fused_lm_head=True)``: TRL's fused head, or kbitprep's chunked head where it
             serves those calls; see docs/training.md).
+        lora_experts: LoRA also on a mixture-of-experts model's fused expert weights (PEFT's
+            ``target_parameters``, as ``kbitprep.lora_config(model, experts=True)``); ``all-linear``
+            leaves them out.
+        lora_router: LoRA also on the routers (as ``kbitprep.lora_config(model, router=True)``).
 
     Raises:
         InvalidPolicyError: an invalid option (the message says what is valid).
         ConfigError: the config cannot be read or built.
-        UnsupportedModelError: the model's code cannot run on fake tensors (for example
-            mixture-of-experts layers whose kernels check real dtypes or data).
+        UnsupportedModelError: the model's code cannot run on fake tensors (for example a router
+            that reads per-expert token counts as Python numbers, as JetMoE's does).
         BackendUnavailableError: the model's code needs a package that is not installed.
 
     Example:
@@ -632,6 +643,8 @@ def estimate(
     if trainer not in TRAINERS:
         raise InvalidPolicyError(f"trainer={trainer!r} is not valid; use one of {', '.join(map(repr, TRAINERS))}")
     common = {
+        "lora_experts": _flag("lora_experts", lora_experts),
+        "lora_router": _flag("lora_router", lora_router),
         "trainer": trainer,
         "batch": batch,
         "seq": seq,
@@ -680,9 +693,14 @@ def estimate(
                     ) from exc
             results.append(res)
             notes.extend(f"{rv.name}: {n}" for n in res.notes if f"{rv.name}: {n}" not in notes)
+            notes.extend(n for n in res.model_notes if n not in notes)
             done += 1
         peak, parts, largest, off, lp = _extrapolate(results, sims, layers)
         lora_params = lp
+        fused = _extrapolate_figures([r.fused_experts for r in results], sims, layers)
+        note = expert_note(fused, scheme)
+        if note and note not in notes:
+            notes.insert(0, note)
         rows.append(
             EstimateRow(
                 variant=rv.name,
@@ -693,6 +711,7 @@ def estimate(
                 checkpointing=rv.checkpointing,
                 memory=dict(rv.memory or {"chunked_head": 0, "offload": False}),
                 offloaded_bytes=off,
+                unverified=results[0].unverified,
             )
         )
     if progress:
@@ -710,6 +729,8 @@ def estimate(
             "CUDA, where it is simulated by its torch fallback, which allocates more than its Triton kernel: an "
             "upper bound for its share"
         )
+    unverified = sorted({r.unverified for r in rows if r.unverified})
+    notes.extend(f"{scheme.name} rows are unverified on a GPU: {why}" for why in unverified)
     if any(r.memory.get("offload") for r in rows):
         notes.append("offload rows count device memory only; the offloaded bytes sit in pinned host memory")
     if gpu is not None:
@@ -739,16 +760,21 @@ def estimate(
     )
 
 
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidPolicyError(f"{name}={value!r} must be True or False")
+    return value
+
+
 def _extrapolate(results: list[Any], sims: tuple[int, ...], layers: int) -> tuple[int, dict[str, int], int, int, int]:
     """Peak, parts, largest transient, offloaded bytes and LoRA parameters at ``layers`` layers."""
     if len(results) == 1:
         r = results[0]
         return r.peak_bytes, dict(r.parts), r.largest_alloc, r.offloaded_bytes, r.lora_params
-    (a, b), (na, nb) = results, sims
-    k = (layers - na) / (nb - na)
+    (a, b), k = results, _depth_factor(sims, layers)
 
     def lin(x: int, y: int) -> int:
-        return max(0, round(x + (y - x) * k))
+        return _linear(x, y, k)
 
     parts = {p: lin(a.parts[p], b.parts[p]) for p in PARTS}
     peak = sum(parts.values())
@@ -759,6 +785,26 @@ def _extrapolate(results: list[Any], sims: tuple[int, ...], layers: int) -> tupl
         lin(a.offloaded_bytes, b.offloaded_bytes),
         lin(a.lora_params, b.lora_params),
     )
+
+
+def _extrapolate_figures(figures: list[tuple[int, ...]], sims: tuple[int, ...], layers: int) -> tuple[int, int, int]:
+    """Counts and bytes that grow by the same amount with each layer, at ``layers`` layers."""
+    if len(figures) == 1:
+        a = figures[0]
+        return a[0], a[1], a[2]
+    (a, b), k = figures, _depth_factor(sims, layers)
+    x, y, z = (_linear(u, v, k) for u, v in zip(a, b, strict=True))
+    return x, y, z
+
+
+def _depth_factor(sims: tuple[int, ...], layers: int) -> float:
+    """Where ``layers`` lies on the line through the two simulated depths (0 at the first, 1 at the second)."""
+    return (layers - sims[0]) / (sims[1] - sims[0])
+
+
+def _linear(x: int, y: int, k: float) -> int:
+    """The value at ``k`` on the line through ``x`` (k=0) and ``y`` (k=1), never below zero."""
+    return max(0, round(x + (y - x) * k))
 
 
 def _fit(row: EstimateRow, gpu: int, batch: int, seq: int) -> EstimateRow:
@@ -841,6 +887,12 @@ def add_estimate_parser(
         help="the training stack: plain (a loop or transformers' Trainer) or trl (TRL's SFT/DPO/GRPO/KTO "
         "trainers, which call the model with fused_lm_head=True)",
     )
+    p.add_argument(
+        "--lora-experts",
+        action="store_true",
+        help="LoRA also on the fused expert weights of a mixture-of-experts model (PEFT's target_parameters)",
+    )
+    p.add_argument("--lora-router", action="store_true", help="LoRA also on the routers of a mixture-of-experts model")
     p.add_argument("--keep-logits", action="store_true", help="the training loop holds the logits through backward")
     if not any(a.dest == "json" for a in p._actions):
         p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -876,6 +928,8 @@ def run_estimate(args: argparse.Namespace, out: Any = None) -> int:
         exact=bool(getattr(args, "exact", False)),
         progress=not getattr(args, "json", False) and sys.stderr.isatty(),
         trainer=getattr(args, "trainer", "plain"),
+        lora_experts=bool(getattr(args, "lora_experts", False)),
+        lora_router=bool(getattr(args, "lora_router", False)),
     )
     if getattr(args, "json", False):
         emit_json({"command": "estimate", **result.to_dict()}, out)

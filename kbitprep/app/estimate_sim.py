@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
-__all__ = ["SimResult", "StepTracker", "simulate"]
+__all__ = ["SimResult", "StepTracker", "expert_note", "simulate"]
 
 #: bitsandbytes' CUDA gemm_4bit uses its fused kernel up to this many rows; beyond, dequantize + linear.
 BNB_FUSED_MAX_ROWS = 1536
@@ -660,11 +660,13 @@ class SimResult:
         lora_params: trainable LoRA parameters.
         notes: remarks on this row's simulation (a memory mode that stepped aside).
         model_notes: remarks on the model and its adapters, the same for every row of an estimate
-            (fused expert weights left in full precision and their share of the weight bytes;
-            modules PEFT refuses adapters on; no activation checkpointing in the model code).
+            (modules PEFT refuses adapters on; no activation checkpointing in the model code).
         unverified: why this figure is unverified, or ``""``: the scheme's GPU kernels allocate
             differently from its CPU kernels, which are what the stand-ins were checked against
             (see :data:`GPU_UNVERIFIED`).
+        fused_experts: ``(count, bytes, all bytes)`` of the fused expert weights a quantized model keeps in
+            full precision, and of every weight as loaded (stand-ins hold the quantized storage's
+            bytes); zeros when nothing is quantized. :func:`expert_note` words them.
     """
 
     peak_bytes: int
@@ -675,6 +677,7 @@ class SimResult:
     notes: tuple[str, ...] = ()
     model_notes: tuple[str, ...] = ()
     unverified: str = ""
+    fused_experts: tuple[int, int, int] = (0, 0, 0)
 
 
 def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimResult:
@@ -682,6 +685,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
     import peft
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from .._experts import fused_expert_figures
     from .._memory import apply_memory_modes, state_of
     from .._memory.trl_fused import decide_as_on
 
@@ -692,6 +696,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
     for p in model.parameters():
         p.requires_grad_(False)
     model_notes: list[str] = []
+    fused_experts = (0, 0, 0)
     if setup.scheme.quantizes:
         exact = setup.scheme.name.startswith("bnb-")
         read = _weights_read_directly(model, targets)
@@ -707,7 +712,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
             _set_module(model, name, _make_stand_in(lin, setup.scheme, setup.dtype, setup.target))
         if setup.scheme.name == "bnb-4bit":
             model.__dict__["is_loaded_in_4bit"] = True  # PEFT dispatches its bitsandbytes LoRA layer on this
-        model_notes[:0] = _expert_notes(model, setup.scheme)
+        fused_experts = fused_expert_figures(model.modules())
     if any("A_log" in mod._parameters for mod in model.modules()):  # Mamba / Mamba-2 mixers
         model_notes.append(
             "state-space (Mamba) layers run transformers' torch path here; the fused CUDA kernels of mamba_ssm and "
@@ -754,9 +759,8 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         pmodel = peft.get_peft_model(model, lora)
     added = sorted(set(getattr(pmodel.peft_config["default"], "target_parameters", None) or ()) - set(parameters))
     if added and target_modules == "all-linear":
-        wrapped = sum(1 for m in pmodel.modules() if type(m).__name__ == "ParamWrapper")
         model_notes.append(
-            f"PEFT's all-linear on this model type also adapts {', '.join(added)} ({wrapped} parameters, through "
+            f"PEFT's all-linear on this model type also adapts {', '.join(added)} (through "
             "its transformers-v5 MoE mapping, with rank 2r on fused gate/up experts): kbitprep.lora_config(model) "
             "adapts neither the experts nor the router (experts=True adds the experts)"
         )
@@ -844,6 +848,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         notes=notes,
         model_notes=tuple(model_notes),
         unverified=GPU_UNVERIFIED.get(setup.scheme.name, "") if setup.target == "cuda" else "",
+        fused_experts=fused_experts,
     )
 
 
@@ -900,15 +905,15 @@ def _check_routing(config: Any, model: nn.Module) -> None:
         )
 
 
-def _expert_notes(model: nn.Module, scheme: Any) -> tuple[str, ...]:
-    """The fused-expert note of the model as loaded: the stand-ins hold the quantized storage bytes, as
-    the loaded layers do, so the share is the one a plan of the loaded model reports."""
-    from .._experts import fused_expert_note
+def expert_note(figures: tuple[int, int, int], scheme: Any) -> str:
+    """The note on the fused expert weights ``scheme`` leaves in full precision (``SimResult.fused_experts``,
+    possibly extrapolated to the model's depth); ``""`` when there are none."""
+    from .._experts import fused_expert_text
 
     integration = {"bnb-4bit": "bitsandbytes", "bnb-8bit": "bitsandbytes"}.get(
         scheme.name, str(getattr(scheme, "backend", "") or scheme.name)
     )
-    return fused_expert_note(model, integration)
+    return fused_expert_text(*figures, integration) if figures[0] else ""
 
 
 def _lora_target_modules(model: nn.Module, targets: Any) -> tuple[Any, list[str]]:

@@ -70,6 +70,7 @@ __all__ = [
     "load_config",
     "peft_plan",
     "plan_from_config",
+    "quantized_linears",
     "scheme_name",
     "schemes",
 ]
@@ -507,8 +508,18 @@ def _check_auto_class(cls: Any, config: Any) -> None:
         )
 
 
-def converted_linears(model: nn.Module) -> list[str]:
-    """Names of the ``nn.Linear`` modules a transformers quantizer would convert (see the module docstring)."""
+def quantized_linears(model: nn.Module, scheme: PlannedScheme) -> list[str]:
+    """The linears ``scheme`` quantizes in ``model`` (none for a scheme that quantizes nothing); bitsandbytes
+    converts ``nn.Linear`` itself only, not its subclasses."""
+    return converted_linears(model, exact=scheme.backend.startswith("bnb-")) if scheme.quantizes else []
+
+
+def converted_linears(model: nn.Module, *, exact: bool = False) -> list[str]:
+    """Names of the ``nn.Linear`` modules a transformers quantizer would convert (see the module docstring).
+
+    ``exact``: only modules whose type is ``nn.Linear`` itself, not a subclass, as transformers'
+    bitsandbytes integration converts (a model's own ``nn.Linear`` subclasses stay in full precision).
+    """
     skip: set[str] = set()
     try:
         from transformers.quantizers.base import get_keys_to_not_convert
@@ -525,7 +536,10 @@ def converted_linears(model: nn.Module) -> list[str]:
             name == s or name.startswith(s + ".") or name.endswith("." + s) or f".{s}." in f".{name}." for s in skip
         )
 
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n)]
+    def linear(m: nn.Module) -> bool:
+        return type(m) is nn.Linear if exact else isinstance(m, nn.Linear)
+
+    return [n for n, m in model.named_modules() if linear(m) and not skipped(n)]
 
 
 @dataclass(frozen=True)
@@ -655,7 +669,7 @@ def plan_from_config(
     mode, mode_note = resolve_checkpointing(checkpointing, decl)
     float_dtype = config_dtype(config, dtype)
     model = build_meta_model(config, float_dtype)
-    targets = set(converted_linears(model)) if scheme.quantizes else set()
+    targets = set(quantized_linears(model, scheme))
 
     # The converted weights are planned as float first and replaced by their storage afterwards.
     base = build_plan(
