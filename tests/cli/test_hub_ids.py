@@ -134,10 +134,19 @@ def test_online_with_the_hub_unreachable_uses_the_cached_copy(
 ) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    # huggingface_hub retries a file it has no copy of with backoff (about 20 s of sleeps): the test skips
+    # the sleeps, not the retries (its own module's reference to time only; sleep is all it uses)
+    import types
+
+    from huggingface_hub.utils import _http
+
+    slept: list[float] = []
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=slept.append))
     config = load_config(REPO)
     assert isinstance(config, LlamaConfig) and config.hidden_size == 64
     with pytest.raises(ConfigError, match="could not be reached .* holds no copy"):
         load_config("kbitprep-test/not-cached")
+    assert slept, "huggingface_hub no longer retries here: drop the sleep patch"
 
 
 def test_a_local_folder_wins_over_a_hub_id(hub: Path, tmp_path: Path) -> None:
