@@ -24,6 +24,7 @@ __all__ = [
     "is_checkpointed_layer",
     "model_configs",
     "output_head",
+    "text_config",
 ]
 
 #: Marks the hooks kbitprep registers to make a module's output (or a layer's input) require grad.
@@ -52,6 +53,19 @@ def _with_nested(configs: list[Any]) -> Iterator[Any]:
         for value in list(vars(cfg).values()):
             if _is_config(value) and id(value) not in seen:
                 stack.append(value)
+
+
+def text_config(config: Any) -> Any:
+    """The config of a model's text decoder: ``config.get_text_config()`` (LLaVA keeps it in its
+    ``text_config``), the config itself where it has no such method or several text configs (MusicGen),
+    ``None`` for ``None``."""
+    getter = getattr(config, "get_text_config", None)
+    if not callable(getter):
+        return config
+    try:
+        return getter()
+    except Exception:  # several text configs: ambiguous, so the config itself
+        return config
 
 
 def model_configs(model: nn.Module) -> Iterator[Any]:

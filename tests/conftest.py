@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 
-from .background import Child
 from .reporting import ResultTable, outcome
 
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
@@ -51,22 +50,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         refused = cell[0] == "pass" and bool(case.not_trainable) and check not in ("detect", "plan")
         MATRIX.record(case.id, check, ("refused", "") if refused else cell)
     return rep
-
-
-#: The background children started for this session (see tests/background.py).
-_CHILDREN: list[Child] = []
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the background children of the selected tests' modules whose fixtures those tests use."""
-    for item in session.items:
-        children = getattr(getattr(item, "module", None), "BACKGROUND", None) or {}
-        for fixture, child in children.items():
-            if fixture in getattr(item, "fixturenames", ()) and child not in _CHILDREN:
-                child.start()
-                _CHILDREN.append(child)
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    for child in _CHILDREN:
-        child.stop()

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 import kbitprep
-from tests.background import Child
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
@@ -72,33 +71,24 @@ def check_quick_results(result: dict[str, Any], steps: int) -> None:
     assert bnb["default"]["param_bytes_after"] < bnb["peft"]["param_bytes_after"]
 
 
-QUICK_STEPS = 3
-#: The quick run, started when collection ends so that it runs beside the rest of the suite
-#: (tests/background.py); timings are never asserted, so sharing the machine changes nothing checked.
-BACKGROUND = {
-    "quick_run": Child(
-        [sys.executable, str(BENCH), "--quick", "--steps", str(QUICK_STEPS), "--out", "{out}"], timeout=1200
-    )
-}
-
-
-@pytest.fixture
-def quick_run() -> None:
-    """Marks the test that reads :data:`BACKGROUND`'s quick run (so that it starts only when selected)."""
-
-
 @pytest.mark.slow
-def test_quick_benchmark(quick_run: None) -> None:
+def test_quick_benchmark(tmp_path: Path) -> None:
     names = {b.name for b in kbitprep.backends()}
     missing = sorted(p for p in QUICK_BACKENDS.values() if p not in names)
     if missing:
         pytest.skip(f"backend plugin(s) {', '.join(missing)} not installed, so the benchmark cannot prepare with them")
-    child = BACKGROUND["quick_run"]
-    proc = child.finished()
+    steps = 3
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--steps", str(steps), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((child.out_dir / "cpu-quick.json").read_text())
-    check_quick_results(result, QUICK_STEPS)
-    table = (child.out_dir / "cpu-quick.md").read_text()
+    result = json.loads((tmp_path / "cpu-quick.json").read_text())
+    check_quick_results(result, steps)
+    table = (tmp_path / "cpu-quick.md").read_text()
     assert "| variant | params after prepare | x PEFT |" in table
     for variant in QUICK_VARIANTS:
         assert table.count(f"| {variant} |") == len(QUICK_BACKENDS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 import sys
 import time
 import warnings
@@ -29,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.background import Child
 
 #: Shrunk depth of every swept config.
 LAYERS = 2
@@ -132,15 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-#: The sweep runs in a child process (it imports every model class of transformers), started when
-#: collection ends so that it runs beside the rest of the suite (tests/background.py).
-BACKGROUND = {"sweep": Child([sys.executable, "-m", "tests.test_plan_config_sweep", "--json"])}
-
-
 @pytest.fixture(scope="module")
 def sweep() -> Sweep:
-    """The sweep of every model type, from its background child."""
-    done = BACKGROUND["sweep"].finished()
+    """The sweep of every model type, in a child process (it imports every model class of transformers)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.test_plan_config_sweep", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(done.stdout.strip().splitlines()[-1])
     result = Sweep({k: (v[0], v[1]) for k, v in data["outcomes"].items()}, data["seconds"])

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .._anatomy import text_config
 from ..errors import InvalidPolicyError
 from .options import DEFAULT_CHUNK_TOKENS
 
@@ -70,7 +71,7 @@ def head_transform(config: Any) -> HeadTransform:
     ``logit_scale`` / ``output_multiplier`` and ``lm_head_multiplier`` (multiplied), ``logits_scaling``
     (divided; multiplied for HyperCLOVA X). Nested text configs (``get_text_config()``) count.
     """
-    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    text = text_config(config)
     values: Mapping[str, Any] = {} if text is None else vars(text)
     softcap = _number(values.get("final_logit_softcapping"))
     multiplier = 1.0

@@ -81,12 +81,26 @@ class MemoryState:
 _CAPTURE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("kbitprep_capture_head", default=None)
 
 
-class _PatchedHead:
-    """Instance ``forward`` of the output head: returns its input unchanged while captured."""
+class _InstanceForward:
+    """An instance ``forward`` kbitprep installs on a module: it calls the forward it stands in front of,
+    the instance's own (``original``: another library's, installed before prepare) or else the class's,
+    and carries that forward's signature (Trainer and PEFT inspect ``forward``'s parameters)."""
 
     def __init__(self, module: nn.Module, original: Any) -> None:
         self.module = module
         self.original = original
+        with contextlib.suppress(TypeError, ValueError):
+            self.__signature__ = inspect.signature(self.replaced())
+
+    def replaced(self) -> Callable[..., Any]:
+        """The forward this one stands in front of, bound to the module."""
+        if self.original is not None:
+            return self.original  # type: ignore[no-any-return]
+        return type(self.module).forward.__get__(self.module)  # type: ignore[no-any-return]
+
+
+class _PatchedHead(_InstanceForward):
+    """Instance ``forward`` of the output head: returns its input unchanged while captured."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         session = current_session()
@@ -96,31 +110,21 @@ class _PatchedHead:
         if box is not None and box[0] is self.module and len(args) == 1 and not kwargs:
             box[1] = args[0]
             return args[0]
-        forward = self.original if self.original is not None else type(self.module).forward.__get__(self.module)
-        return forward(*args, **kwargs)
+        return self.replaced()(*args, **kwargs)
 
 
-class _PatchedForward:
+class _PatchedForward(_InstanceForward):
     """Instance ``forward`` of the causal LM (or the model): chunked head, and the offload context
     unless the backbone has its own (:class:`_BackboneForward`)."""
 
     def __init__(self, module: nn.Module, original: Any, offload_here: bool = True) -> None:
-        self.module = module
-        self.original = original
+        super().__init__(module, original)
         self.offload_here = offload_here
-        bound = original if original is not None else type(module).forward.__get__(module)
-        with contextlib.suppress(TypeError, ValueError):
-            self.__signature__ = inspect.signature(bound)  # Trainer and PEFT inspect forward's parameters
-
-    def _orig(self) -> Callable[..., Any]:
-        if self.original is not None:
-            return self.original  # type: ignore[no-any-return]
-        return type(self.module).forward.__get__(self.module)  # type: ignore[no-any-return]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
         state = vars(module).get(STATE_ATTR)
-        forward = self._orig()
+        forward = self.replaced()
         request = take_request()
         if not isinstance(state, MemoryState):
             return forward(*args, **kwargs)
@@ -249,7 +253,7 @@ def _head_is_patched(head: nn.Module) -> bool:
     return isinstance(vars(head).get("_old_forward"), _PatchedHead)
 
 
-class _BackboneForward:
+class _BackboneForward(_InstanceForward):
     """Instance ``forward`` of the backbone (``model.base_model``): the offload context of one forward.
 
     On the backbone rather than the causal LM, so that it runs whoever calls the backbone: the causal
@@ -257,20 +261,15 @@ class _BackboneForward:
     """
 
     def __init__(self, module: nn.Module, original: Any, owner: nn.Module) -> None:
-        self.module = module
-        self.original = original
+        super().__init__(module, original)
         self.owner = owner  # the module holding the state (a plain reference: copy.deepcopy maps it to the copy's)
-        bound = original if original is not None else type(module).forward.__get__(module)
-        with contextlib.suppress(TypeError, ValueError):
-            self.__signature__ = inspect.signature(bound)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        module = self.module
-        forward = self.original if self.original is not None else type(module).forward.__get__(module)
+        forward = self.replaced()
         state = vars(self.owner).get(STATE_ATTR)
         if not isinstance(state, MemoryState):
             return forward(*args, **kwargs)
-        with state.offload_context(module):
+        with state.offload_context(self.module):
             return forward(*args, **kwargs)
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._anatomy import text_config as _text_config
+
 __all__ = [
     "FUSED_HEAD_BY_DEVICE",
     "FusedRequest",
@@ -97,8 +99,7 @@ def trl_settings(forward: Any, expected_original: type) -> FusedRequest | None:
 
 def text_config(module: nn.Module) -> Any:
     """The text config of a transformers model (``config.get_text_config()``), or ``None``."""
-    config: Any = getattr(module, "config", None)
-    return config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    return _text_config(getattr(module, "config", None))
 
 
 def take_request() -> FusedRequest | None:

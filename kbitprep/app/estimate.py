@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._anatomy import text_config as _text_config
 from .._render import format_bytes, table
 from ..errors import InvalidPolicyError, KbitprepError, UnsupportedModelError
 from .estimate_sim import PARTS, TRAINERS, SimSetup, expert_note, simulate
@@ -379,15 +380,6 @@ def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidPolicyError(f"{name}={value!r} must be a positive integer")
     return value
-
-
-def _text_config(config: Any) -> Any:
-    """The config that holds the decoder's depth (LLaVA keeps it in its text config); the config itself
-    where there is none or several (MusicGen)."""
-    try:
-        return config.get_text_config() if hasattr(config, "get_text_config") else config
-    except Exception:
-        return config
 
 
 def _depth(config: Any) -> int:

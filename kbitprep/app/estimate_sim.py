@@ -892,10 +892,11 @@ def _read_directly_note(names: list[str], scheme: str) -> str:
 def _check_routing(config: Any, model: nn.Module) -> None:
     """Raise :class:`~kbitprep.errors.ConfigError` when an MoE config leaves the experts per token unset
     (DeepSeek-V2's default config): the routers cannot choose experts, and real training fails the same way."""
+    from .._anatomy import text_config
     from .._experts import expert_parameters, router_modules
     from ..errors import ConfigError
 
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     unset = "num_experts_per_tok" in vars(text) and text.num_experts_per_tok is None
     if unset and (expert_parameters(model) or router_modules(model)):
         raise ConfigError(
