@@ -7,7 +7,8 @@ import warnings
 
 import pytest
 
-from .reporting import ResultTable, outcome
+from .families import family_table
+from .reporting import ResultTable
 
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,6 +29,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "matrix(check): a check of the per-backend matrix")
     if not config.pluginmanager.is_registered(MATRIX):
         config.pluginmanager.register(MATRIX, "kbitprep-backend-matrix")
+    if config.pluginmanager.get_plugin("kbitprep-family-table") is None:
+        config.pluginmanager.register(family_table(), "kbitprep-family-table")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -41,12 +44,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     check = marker.args[0]
     if "mode" in callspec.params:
         check = f"{check}-{callspec.params['mode'].replace('_', '-')}"
+    note = ""
     if case.stand_in:
-        MATRIX.notes[case.id] = f"stand-in: {case.stand_in}"
+        note = f"stand-in: {case.stand_in}"
     if case.not_trainable:
-        MATRIX.notes[case.id] = "not trainable: prepare and the drop-in refuse it up front (NotTrainableError)"
-    cell = outcome(rep)
-    if cell is not None:
-        refused = cell[0] == "pass" and bool(case.not_trainable) and check not in ("detect", "plan")
-        MATRIX.record(case.id, check, ("refused", "") if refused else cell)
+        note = "not trainable: prepare and the drop-in refuse it up front (NotTrainableError)"
+    refused = bool(case.not_trainable) and check not in ("detect", "plan")
+    MATRIX.mark(rep, case.id, check, note, passed_as="refused" if refused else "")
     return rep

@@ -14,10 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
 from kbitprep.testing import tiny_llama_config
+
+from .reporting import Cell, ResultTable, outcome
 
 __all__ = ["FAMILIES", "Family"]
 
@@ -408,3 +411,47 @@ FAMILIES: tuple[Family, ...] = (
     Family("wav2vec2-ctc", "Wav2Vec2ForCTC", _wav2vec2, None, _ctc_batch),
 )
 """Every family the test runs, in table order."""
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+#: The checks of ``tests/test_architecture_families.py`` every family goes through: test -> column.
+CHECKS: dict[str, str] = {
+    "test_backend_is_bnb_4bit": "backend",
+    "test_every_lora_tensor_gets_a_gradient": "lora-grads",
+    "test_every_lora_tensor_gets_a_gradient_non_reentrant": "grads-non-re",
+    "test_every_stack_gets_inputs_that_require_grad": "stack-inputs",
+    "test_quantized_storage_bit_exact": "storage",
+    "test_undo_exact": "undo",
+    "test_dropin_parity_with_peft": "peft-parity",
+    "test_prepare_verify": "verify",
+    "test_verify_gradient_flow_with_adapters": "verify-lora",
+    "test_use_cache_off_everywhere": "use-cache",
+    "test_eval_forward_before_prepare": "eval-first",
+}
+
+
+def _family_cell(report: pytest.TestReport) -> tuple[str, str, Cell] | None:
+    """The family x check cell a report of ``tests/test_architecture_families.py`` fills, from its id."""
+    if "test_architecture_families.py::" not in report.nodeid:
+        return None
+    name, _, param = report.nodeid.rpartition("::")[2].partition("[")
+    cell = outcome(report, limit=160)
+    if name not in CHECKS or not param or cell is None:
+        return None
+    return param.rstrip("]"), CHECKS[name], cell
+
+
+def family_table() -> ResultTable:
+    """The families x checks table printed at the end of a run (registered by ``tests/conftest.py``)."""
+    table = ResultTable(
+        title="architecture families x check (bitsandbytes 4-bit NF4 on the CPU)",
+        row_header="family",
+        columns=list(CHECKS.values()),
+        col_width=13,
+        rows=[f.id for f in FAMILIES],
+        explain={"FAIL": "", "skip": ""},
+        cell_of=_family_cell,
+    )
+    table.footer = lambda: f"(the checks took {table.seconds:.1f} s, summed over the workers)"
+    return table

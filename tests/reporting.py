@@ -1,10 +1,14 @@
 """One reporter for the result tables printed at the end of a pytest run (row x check).
 
-The backend matrix (``tests/conftest.py``) and the architecture families
-(``tests/test_architecture_families.py``) each fill a :class:`ResultTable` from their test reports
-(:func:`outcome` turns a report into a cell) and register it as a pytest plugin; pytest then calls its
-``pytest_terminal_summary``, which writes the section: a header line, one line per row, the rows'
-notes, the reasons of the cells whose status the table explains, and an optional footer.
+The backend matrix and the architecture families (both registered in ``tests/conftest.py``) each
+fill a :class:`ResultTable` from their test reports (:func:`outcome` turns a report into a cell); pytest
+then calls the table's ``pytest_terminal_summary``, which writes the section: a header line, one line per
+row, the rows' notes, the reasons of the cells whose status the table explains, and an optional footer.
+
+The suite runs on pytest-xdist workers, whose reports reach the controlling process, which prints the
+summary. So a table reads its cells from the reports themselves, in ``pytest_runtest_logreport``
+(which runs where the summary is written): a test's ``makereport`` hook marks the report with
+:meth:`ResultTable.mark`, and ``cell_of`` (for the families: from the test's id) reads the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -58,8 +62,11 @@ class ResultTable:
         explain: status -> prefix: the cells with these statuses get a reason line
             ``"  row / column: <prefix><reason>"`` after the table.
         footer: returns a last line (or ``""`` for none).
+        cell_of: report -> ``(row, column, cell)`` or ``None``: the cell a report fills, for tables that
+            read it from the test's id (the default reads the :meth:`mark` of the report).
         cells: row -> column -> (status, reason); a missing cell shows ``-``.
         notes: row -> a note, written ``"  row: note"`` after the rows.
+        seconds: the summed durations of the reports that filled a cell (setup, call and teardown).
     """
 
     title: str
@@ -70,8 +77,34 @@ class ResultTable:
     present_columns_only: bool = False
     explain: Mapping[str, str] = field(default_factory=lambda: {"skip": "skipped - "})
     footer: Callable[[], str] | None = None
+    cell_of: Callable[[pytest.TestReport], tuple[str, str, Cell] | None] | None = None
     cells: dict[str, dict[str, Cell]] = field(default_factory=lambda: defaultdict(dict))
     notes: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def mark(self, report: pytest.TestReport, row: str, column: str, note: str = "", passed_as: str = "") -> None:
+        """Mark ``report`` as filling the cell ``row`` / ``column`` (its outcome is the cell; a pass shows
+        as ``passed_as`` where one is given), with a row note; the mark travels with the report to the
+        process that prints the table."""
+        report.user_properties.append((self.title, (row, column, note, passed_as)))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """pytest's hook: record the cell ``report`` fills, if any."""
+        if self.cell_of is not None:
+            found = self.cell_of(report)
+            if found is not None:
+                self.seconds += report.duration
+                self.record(*found)
+            return
+        for name, value in report.user_properties:
+            if name != self.title:
+                continue
+            row, column, note, passed_as = cast(tuple[str, str, str, str], value)
+            if note:
+                self.notes[row] = note
+            cell = outcome(report)
+            if cell is not None:
+                self.record(row, column, (passed_as, "") if passed_as and cell[0] == "pass" else cell)
 
     def record(self, row: str, column: str, cell: Cell) -> None:
         """Set one cell."""

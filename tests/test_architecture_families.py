@@ -59,58 +59,10 @@ from kbitprep._anatomy import model_configs
 from kbitprep.testing import model_state
 
 from .families import FAMILIES, Family
-from .reporting import ResultTable, outcome
 from .state import config_snapshot
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
-
-CHECKS = {
-    "test_backend_is_bnb_4bit": "backend",
-    "test_every_lora_tensor_gets_a_gradient": "lora-grads",
-    "test_every_lora_tensor_gets_a_gradient_non_reentrant": "grads-non-re",
-    "test_every_stack_gets_inputs_that_require_grad": "stack-inputs",
-    "test_quantized_storage_bit_exact": "storage",
-    "test_undo_exact": "undo",
-    "test_dropin_parity_with_peft": "peft-parity",
-    "test_prepare_verify": "verify",
-    "test_verify_gradient_flow_with_adapters": "verify-lora",
-    "test_use_cache_off_everywhere": "use-cache",
-    "test_eval_forward_before_prepare": "eval-first",
-}
-
-
-# ---------------------------------------------------------------------------------------------- the table
-class _FamilyTable(ResultTable):
-    """This module's outcomes (family x check), printed in pytest's terminal summary."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            title="architecture families x check (bitsandbytes 4-bit NF4 on the CPU)",
-            row_header="family",
-            columns=list(CHECKS.values()),
-            col_width=13,
-            rows=[f.id for f in FAMILIES],
-            explain={"FAIL": "", "skip": ""},
-            footer=lambda: f"(this module's tests took {self.seconds:.1f} s in setup + call + teardown)",
-        )
-        self.seconds = 0.0
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if "test_architecture_families.py::" not in report.nodeid:
-            return
-        self.seconds += report.duration
-        name, _, param = report.nodeid.rpartition("::")[2].partition("[")
-        cell = outcome(report, limit=160)
-        if name in CHECKS and param and cell is not None:
-            self.record(param.rstrip("]"), CHECKS[name], cell)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _family_table(request: pytest.FixtureRequest) -> None:
-    manager = request.config.pluginmanager
-    if manager.get_plugin("kbitprep-family-table") is None:
-        manager.register(_FamilyTable(), "kbitprep-family-table")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

@@ -50,3 +50,19 @@ def test_the_table_layout_rows_notes_reasons_and_footer() -> None:
     ordered.record("x", "a", ("FAIL", "why"))
     ordered.explain = {"FAIL": ""}
     assert ordered.lines() == ["row       a    ", "x         FAIL ", "  x / a: why"]
+
+
+def test_marked_reports_fill_the_table_where_the_summary_is_written() -> None:
+    """Under pytest-xdist the reports reach the controlling process, which prints the table: a mark set
+    in ``makereport`` (on the report's ``user_properties``) is all the table reads, with the report's
+    outcome; a pass can show as another status (the matrix's ``refused``)."""
+    table = ResultTable(title="matrix", row_header="case", columns=("a", "b"), col_width=8)
+    other = ResultTable(title="other", row_header="case", columns=("a",), col_width=8)
+    passed, failed = _report("call", "passed"), _report("call", "failed", "boom")
+    table.mark(passed, "x", "a", note="stand-in", passed_as="refused")
+    table.mark(failed, "x", "b")
+    for report in (passed, failed, _report("call", "passed")):  # the last one is not marked: no cell
+        table.pytest_runtest_logreport(report)
+        other.pytest_runtest_logreport(report)  # another table's marks are not its own
+    assert table.cells == {"x": {"a": ("refused", ""), "b": ("FAIL", "test_x[a]")}}  # no crash line: the head line
+    assert table.notes == {"x": "stand-in"} and not other.cells
