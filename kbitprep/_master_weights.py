@@ -14,6 +14,15 @@ inputs to fp32 and a post-hook casts the floating output back to the parameter's
 ``torch.autocast`` the matmul runs in the autocast dtype anyway). Parameters that do not train keep
 their dtype, so parameter memory stays at kbitprep's level for everything frozen.
 
+Finding new candidates must not cost a walk of the module tree at every forward (3 ms for an 8B-shaped
+model with LoRA on all linear layers). The hook keeps the model's parameters in a flat tuple and checks
+those (``requires_grad`` and dtype are read live, so a parameter unfrozen by hand is seen); it walks the
+tree again only when a module or parameter never registered before was registered anywhere in the
+process since (torch's global registration hooks: PEFT adding ``modules_to_save`` copies, a layer
+replaced by assignment), which a process-wide counter tells. Registering a known module again does not
+count: transformers slices its ``ModuleList`` of layers at every forward, which registers each layer
+into a temporary list.
+
 The changes are added to the prepared model's record: :func:`kbitprep.undo` removes the hooks and
 casts those parameters back to their dtype; :func:`kbitprep.report` lists them among the steps.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
@@ -36,6 +46,32 @@ __all__ = ["MasterWeights", "master_weights_note"]
 
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()  # one for all models: upcasts are rare (a first training forward), and hooks stay copyable
+
+#: How many modules and parameters never registered before were registered in this process (while watched).
+_registrations = [0]
+_registered: dict[int, weakref.ref[Any]] = {}  # by id (a tensor's == is elementwise), dropped when freed
+_watching: list[Any] = []
+
+
+def _count_registration(module: nn.Module, name: str, value: Any) -> None:
+    if value is None:
+        return
+    key = id(value)
+    known = _registered.get(key)
+    if known is not None and known() is value:
+        return
+    _registered[key] = weakref.ref(value, lambda _, key=key: _registered.pop(key, None))  # type: ignore[misc]
+    _registrations[0] += 1
+
+
+def _watch_registrations() -> None:
+    """Count module and parameter registrations process-wide from now on (torch's global hooks; once)."""
+    with _LOCK:
+        if not _watching:
+            from torch.nn.modules import module as torch_module
+
+            _watching.append(torch_module.register_module_module_registration_hook(_count_registration))
+            _watching.append(torch_module.register_module_parameter_registration_hook(_count_registration))
 
 
 def master_weights_note() -> str:
@@ -99,11 +135,17 @@ class MasterWeights:
         """``record(model, changes, step)`` adds the changes to the model's prepared record (the mutation site's)."""
         self.record = record
         self.seen: set[int] = set()
+        self.params: tuple[nn.Parameter, ...] = ()  # the model's parameters at the last walk
+        self.walked_at = -1  # the registration count then
+        _watch_registrations()
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        if not any(self._candidate(p) for p in module.parameters()):  # the common case: nothing new
+        if self.walked_at != _registrations[0]:  # something was registered somewhere since: walk again
+            self.walked_at = _registrations[0]
+            self.params = tuple(module.parameters())
+        if not any(self._candidate(p) for p in self.params):  # the common case: nothing new
             return
         with _LOCK:
             found = self._trainable_half(module)

@@ -124,3 +124,32 @@ def test_the_drop_in_upcasts_as_peft_does_and_installs_no_master_weights() -> No
     assert not kbitprep.report(model).plan.master_weights
     fp32 = kbitprep.prepare(tiny_llama(torch.float32))
     assert not kbitprep.report(fp32).plan.master_weights  # nothing in half precision
+
+
+def test_steady_training_forwards_do_not_walk_the_model_and_still_see_new_trainable_parameters() -> None:
+    """The hook checks a flat list of the model's parameters; it walks the module tree again only after a
+    module or parameter was registered somewhere. A parameter unfrozen by hand (no registration) and a
+    layer swapped in by assignment (a registration) after the first training steps still get fp32 master
+    weights."""
+    from kbitprep.testing import count_module_walks
+
+    torch.manual_seed(0)
+    model = kbitprep.prepare(tiny_llama(torch.bfloat16))
+    model.model.embed_tokens.weight.requires_grad_(True)
+    _train(model, steps=1)  # the first training forward walks once
+    assert model.model.embed_tokens.weight.dtype is torch.float32
+    x = torch.tensor(learnable_ids())
+    model.train()
+    with count_module_walks(model) as walks:
+        for _ in range(3):
+            model(input_ids=x, labels=x)
+    assert walks.total == 0, dict(walks.callers)
+    model.lm_head.weight.requires_grad_(True)  # unfrozen by hand: nothing registered
+    _train(model, steps=1)
+    assert model.lm_head.weight.dtype is torch.float32
+    down = model.model.layers[0].mlp.down_proj
+    fresh = torch.nn.Linear(down.in_features, down.out_features, bias=False, dtype=torch.bfloat16)
+    model.model.layers[0].mlp.down_proj = fresh  # a new trainable layer, registered by assignment
+    with count_module_walks(model) as walks:
+        _train(model, steps=1)
+    assert fresh.weight.dtype is torch.float32 and walks.total >= 1
