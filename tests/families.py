@@ -21,10 +21,11 @@ from torch import nn
 from kbitprep.testing import tiny_llama_config
 
 from .reporting import Cell, ResultTable, outcome
+from .tiny_configs import TINY_DECODER, TINY_EXPERTS, TINY_STACK, tiny_moe_config
 
 __all__ = ["FAMILIES", "Family"]
 
-VOCAB = 256
+VOCAB = TINY_DECODER["vocab_size"]
 SEQ = 24
 
 
@@ -155,16 +156,7 @@ def _llama_tied() -> Any:
 def _qwen2_untied() -> Any:
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    return Qwen2Config(**TINY_DECODER, max_position_embeddings=128, tie_word_embeddings=False)
 
 
 def _gpt2() -> Any:
@@ -174,20 +166,7 @@ def _gpt2() -> Any:
 
 
 def _mixtral() -> Any:
-    from transformers import MixtralConfig
-
-    return MixtralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
+    return tiny_moe_config("mixtral", max_position_embeddings=128, tie_word_embeddings=False)
 
 
 def _t5() -> Any:
@@ -211,15 +190,7 @@ def _bert_cls() -> Any:
     from transformers import BertConfig
 
     cls: Any = BertConfig  # its signature hides the PretrainedConfig keywords
-    return cls(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        num_labels=3,
-    )
+    return cls(**TINY_STACK, vocab_size=VOCAB, max_position_embeddings=128, num_labels=3)
 
 
 def _llama_cls() -> Any:
@@ -229,17 +200,9 @@ def _llama_cls() -> Any:
 def _llava() -> Any:
     from transformers import CLIPVisionConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(
-        # hidden 64, not 32: bitsandbytes' CPU repack (an eval forward on AVX512-BF16) needs in_features >= its
-        # block size (64); smaller layers crash in bitsandbytes.functional._convert_weight_packed_for_cpu
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=64,
-    )
+    # hidden 64, not 32: bitsandbytes' CPU repack (an eval forward on AVX512-BF16) needs in_features >= its
+    # block size (64); smaller layers crash in bitsandbytes.functional._convert_weight_packed_for_cpu
+    vision = CLIPVisionConfig(**TINY_STACK, image_size=32, patch_size=8, projection_dim=64)
     # vision_feature_layer=-1: with LLaVA's default (-2) the last vision layer's output is never used,
     # so LoRA on it gets no gradient by design; -1 puts every vision layer on the loss path
     return LlavaConfig(
@@ -257,16 +220,10 @@ def _qwen2_moe() -> Any:
     # the routed experts are fused 3-D parameters (not nn.Linear, so neither quantized nor given LoRA); the
     # shared expert and its gate are plain linear layers, quantized and adapted like attention
     return Qwen2MoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_DECODER,
+        **TINY_EXPERTS,
         moe_intermediate_size=64,
         shared_expert_intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
@@ -338,9 +295,7 @@ def _clip_gpt2() -> Any:
 
     # a CLIP vision encoder rather than ViT: ViTModel's pooler (a linear layer the decoder never reads) would
     # carry LoRA tensors that get no gradient by design
-    encoder = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )
+    encoder = CLIPVisionConfig(**TINY_STACK, image_size=32, patch_size=8)
     decoder = GPT2Config(
         n_embd=64, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=1, eos_token_id=2
     )
@@ -355,11 +310,8 @@ def _wav2vec2() -> Any:
 
     cls: Any = Wav2Vec2Config  # its signature hides the PretrainedConfig keywords
     return cls(
+        **TINY_STACK,
         vocab_size=32,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
         conv_dim=(64, 64),  # 64 wide: the feature projection is a quantized linear layer (bnb's CPU block size)
         conv_stride=(4, 2),
         conv_kernel=(8, 4),

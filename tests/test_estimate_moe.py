@@ -23,8 +23,8 @@ from kbitprep.app.estimate import Variant, _resolve_variant, _simulate_variant
 from kbitprep.app.estimate_sim import GPU_UNVERIFIED, SimResult, expert_note, measure_step
 from kbitprep.app.metaplan import SCHEMES
 
-from .test_lora_experts import tiny_moe_config
-from .tiny import nf4_config
+from .tiny import nf4_config, tiny_llama_config
+from .tiny_configs import TINY_DECODER, TINY_EXPERTS, tiny_moe_config
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
@@ -116,14 +116,8 @@ def tiny_jamba_config() -> Any:
     from transformers import JambaConfig
 
     return JambaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        num_experts=4,
-        num_experts_per_tok=2,
+        **TINY_DECODER,
+        **TINY_EXPERTS,
         mamba_d_state=8,
         mamba_expand=2,
         mamba_dt_rank=8,
@@ -166,17 +160,8 @@ def test_hybrid_estimate_matches_a_real_cpu_step() -> None:
 
 
 def _dense_config() -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        tie_word_embeddings=False,
-    )
+    # twice the tiny Llama's width and vocabulary, with LlamaConfig's default context (2048)
+    return tiny_llama_config(hidden_size=128, intermediate_size=256, vocab_size=512, max_position_embeddings=2048)
 
 
 def _scheme_loader(name: str) -> Callable[[Path], nn.Module]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -25,34 +24,13 @@ from kbitprep.plugin import fused_expert_note
 from kbitprep.testing import model_state, storage_digest
 
 from .tiny import batch, nf4_config
+from .tiny_configs import tiny_moe_config as tiny_moe_config  # re-exported: benchmarks/estimate_check.py imports it
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-_COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    head_dim=16,
-)
-#: The MoE settings of each family's tiny config: 4 experts, 2 per token.
-MOE_SETTINGS: dict[str, dict[str, int]] = {
-    "qwen3_moe": dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
-}
 #: The families the expert-adapter training test loads.
 FAMILIES = ("qwen3_moe", "mixtral")
-
-
-def tiny_moe_config(model_type: str, **overrides: Any) -> Any:
-    """A 2-layer config of ``model_type`` with 4 experts (2 per token), hidden size 64."""
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(model_type, **{**_COMMON, **MOE_SETTINGS[model_type], **overrides})
 
 
 @functools.cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -89,18 +90,20 @@ def _run(args: tuple[str, ...], env: dict[str, str], measure_rss: bool = False) 
     return Run(args, r["rc"], r["out"], r["err"], r["rss"])
 
 
+def tiny_llama_checkpoint(root: Path) -> Path:
+    """``root/tiny-llama``: a copy of the tests' tiny bf16 Llama checkpoint (:func:`tests.tiny.saved_tiny_llama`)."""
+    from tests.tiny import saved_tiny_llama
+
+    ckpt = root / "tiny-llama"
+    shutil.copytree(saved_tiny_llama(), ckpt)
+    return ckpt
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Inputs for the commands: a tiny checkpoint, configs good and bad, an hqq blocker, plugin distributions."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from kbitprep.testing import tiny_llama_config
-
     root = tmp_path_factory.mktemp("cli")
-    ckpt = root / "tiny-llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(ckpt)
+    ckpt = tiny_llama_checkpoint(root)
     weightless = root / "weightless"
     weightless.mkdir()
     (weightless / "config.json").write_text((ckpt / "config.json").read_text())

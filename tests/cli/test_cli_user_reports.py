@@ -22,7 +22,7 @@ import torch
 import kbitprep
 from kbitprep.app.cli import CHECKPOINTING_CHOICES, main
 
-from .test_cli import Run, _env, _run
+from .test_cli import Run, _env, _run, tiny_llama_checkpoint
 
 NOISY_PLUGIN = '''
 """A backend plugin whose quantization library is noisy when imported, as gptqmodel is (a banner on
@@ -59,14 +59,10 @@ NOISE = ("GPT-QModel", "noisy-plugin", "Failed to load", "UserWarning", "FutureW
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama checkpoint, corrupt copies of it, a tiny Falcon, and a site with a noisy plugin."""
-    from transformers import FalconConfig, FalconForCausalLM, LlamaForCausalLM
-
-    from kbitprep.testing import tiny_llama_config
+    from transformers import FalconConfig, FalconForCausalLM
 
     root = tmp_path_factory.mktemp("cli-reports")
-    ckpt = root / "tiny-llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(ckpt)
+    ckpt = tiny_llama_checkpoint(root)
     garbage, truncated = root / "garbage", root / "truncated"
     for bad in (garbage, truncated):
         shutil.copytree(ckpt, bad)

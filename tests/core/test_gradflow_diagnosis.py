@@ -152,6 +152,16 @@ def test_names_a_module_whose_kernel_has_no_backward() -> None:
     assert "torch::autograd::WarnNotImplemented" in message
 
 
+def _frozen_flow_error(model: nn.Module) -> kbitprep.GradientFlowError:
+    """The error the check raises on ``model`` with every parameter frozen (warnings silenced)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(kbitprep.GradientFlowError) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kbitprep.verify_gradient_flow(model)
+    return caught.value
+
+
 def test_names_bitsandbytes_layers_repacked_for_inference() -> None:
     """On a CPU with AVX512-BF16 one eval forward repacks Linear4bit weights for gemv_4bit, which has no
     autograd: without kbitprep's fix-up, the check names the first Linear4bit and the op."""
@@ -166,12 +176,7 @@ def test_names_bitsandbytes_layers_repacked_for_inference() -> None:
     model = load_bnb_4bit()
     with torch.no_grad():
         model(**batch())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with pytest.raises(kbitprep.GradientFlowError) as caught, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kbitprep.verify_gradient_flow(model)
-    message = str(caught.value)
+    message = str(_frozen_flow_error(model))
     assert "breaks at model.layers.0.self_attn.q_proj (bitsandbytes.nn.modules.Linear4bit)" in message
     assert "WarnNotImplemented" in message and "input-require-grads hook" not in message
 
@@ -182,18 +187,13 @@ def test_a_backward_that_fails_is_a_gradient_flow_error_naming_the_layer() -> No
     pytest.importorskip("torchao")
     from ..backends.cases.torchao import load_torchao
 
-    model = load_torchao("int4-opaque")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with pytest.raises(kbitprep.GradientFlowError) as caught, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kbitprep.verify_gradient_flow(model)
-    message = str(caught.value)
+    error = _frozen_flow_error(load_torchao("int4-opaque"))
+    message = str(error)
     assert "backward failed (derivative for aten::_weight_int4pack_mm" in message
     assert (
         "breaks at model.layers.0.self_attn.q_proj (torch.nn.modules.linear.Linear, weight Int4OpaqueTensor)" in message
     )
-    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert isinstance(error.__cause__, RuntimeError)
 
 
 def test_a_healthy_model_has_no_breaks() -> None:

@@ -24,6 +24,7 @@ from kbitprep.errors import (
 )
 
 from ..reliability.support import assert_restored, full_state
+from ..threads import run_in_threads
 from ..tiny import tiny_llama
 
 
@@ -47,25 +48,16 @@ def test_item3_two_threads_preparing_one_model_prepare_once_and_undo_exactly(run
     model = tiny_llama()
     before = full_state(model)
     barrier = threading.Barrier(2)
-    errors: list[BaseException] = []
     caught: list[list[warnings.WarningMessage]] = [[], []]
 
     def job(i: int) -> None:
-        try:
-            with warnings.catch_warnings(record=True) as got:
-                warnings.simplefilter("always")
-                barrier.wait(timeout=30)
-                kbitprep.prepare(model, upcast="all")
-            caught[i] = list(got)
-        except BaseException as exc:
-            errors.append(exc)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            barrier.wait(timeout=30)
+            kbitprep.prepare(model, upcast="all")
+        caught[i] = list(got)
 
-    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a prepare thread hung (deadlock?)"
+    errors = run_in_threads(job, 2, "prepare")
     assert not errors, errors
     # warnings.catch_warnings is process-wide, so count the no-op warning over both threads
     noop = {id(w.message) for got in caught for w in got if issubclass(w.category, AlreadyPreparedWarning)}

@@ -36,6 +36,7 @@ from kbitprep.errors import (
 from kbitprep.testing import model_state
 
 from ..core.backends_for_tests import MarkerBackend
+from ..threads import run_in_threads
 from ..tiny import saved_tiny_llama, tiny_llama
 from .common import adapter_state, load_bnb_4bit, lora_config, tiny_tokenizer, training_kwargs
 
@@ -404,28 +405,19 @@ def test_missing_peft_raises_and_patches_nothing(monkeypatch: pytest.MonkeyPatch
 def test_threads_patching_at_once_leave_everything_original() -> None:
     import peft
 
-    errors: list[BaseException] = []
     barrier = threading.Barrier(4)
 
     def worker(i: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            for _ in range(3):
-                with patch_peft(policy="peft" if i % 2 else None) as s:
-                    assert (
-                        isinstance(s, PeftPatch)
-                        and s.active
-                        and peft.prepare_model_for_kbit_training is not _peft_function()
-                    )
-        except BaseException as exc:
-            errors.append(exc)
+        barrier.wait(timeout=30)
+        for _ in range(3):
+            with patch_peft(policy="peft" if i % 2 else None) as s:
+                assert (
+                    isinstance(s, PeftPatch)
+                    and s.active
+                    and peft.prepare_model_for_kbit_training is not _peft_function()
+                )
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a patch_peft thread hung (deadlock?)"
+    errors = run_in_threads(worker, 4, "patch_peft")
     assert errors == []
     assert peft.prepare_model_for_kbit_training is _peft_function()
 

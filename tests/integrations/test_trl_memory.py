@@ -22,6 +22,7 @@ import kbitprep
 from kbitprep.errors import CheckpointingConflictWarning, KbitprepWarning
 
 from ..tiny import saved_tiny_llama, tiny_llama
+from ..tiny_configs import TINY_DECODER
 from .common import LOADERS, adapter_state, learnable_ids, lora_config, tiny_tokenizer, training_kwargs
 
 trl = pytest.importorskip("trl")
@@ -140,16 +141,7 @@ def test_fused_calls_equal_trls_head(family: str, temperature: float) -> None:
     if family == "llama":
         model = tiny_llama(torch.float32)
     else:
-        cfg = Gemma2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            vocab_size=256,
-            final_logit_softcapping=2.0,
-        )
+        cfg = Gemma2Config(**TINY_DECODER, head_dim=16, final_logit_softcapping=2.0)
         model = Gemma2ForCausalLM(cfg)
     kbitprep.prepare(model, memory={"chunked_head": 8})
     for n, p in model.named_parameters():

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from kbitprep import Registry
+
 from ..distributions import install
 from . import figures
+from .support import recorded_warnings
 
 #: the broken plugin distributions under tests/dists/, one fault each
 BROKEN_DISTS = (
@@ -30,6 +33,15 @@ def broken_sites() -> Iterator[dict[str, Path]]:
     with ThreadPoolExecutor(max_workers=4) as pool:
         sites = dict(zip(BROKEN_DISTS, pool.map(install, BROKEN_DISTS)))
     yield sites
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[Registry]:
+    """A registry of the installed backends only (no broken distribution), one per test module (discovery once)."""
+    with recorded_warnings():
+        reg = Registry(strict=False)
+        reg.names()
+    yield reg
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]

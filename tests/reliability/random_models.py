@@ -18,8 +18,10 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from . import layers
+from .layers import FLOAT_KINDS, Leaf, attach, float_layer
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-FLOAT_KINDS = ("linear", "embedding", "layernorm", "rmsnorm", "scaler")
 _QUANT_LIBS = {
     "bnb8": "bitsandbytes",
     "bnb4": "bitsandbytes",
@@ -40,17 +42,6 @@ def _installed(module: str) -> bool:
 QUANT_KINDS = tuple(k for k, lib in _QUANT_LIBS.items() if _installed(lib))
 CONTAINERS = ("sequential", "modulelist", "moduledict", "block")
 QUANT_WIDTH = 64  # hqq groups of 64; bnb 4-bit blocks of 64
-
-
-@dataclass(frozen=True)
-class Leaf:
-    """One layer: its kind, dtype, width, whether it has a bias, and whether it starts frozen."""
-
-    kind: str
-    dtype: str
-    width: int
-    bias: bool
-    frozen: bool
 
 
 @dataclass(frozen=True)
@@ -101,23 +92,10 @@ def recipes(draw: st.DrawFn, quantized: bool = True) -> Recipe:
     return Recipe(tuple(containers), tuple(leaves), tuple(shared), tuple(ties), policy, draw(st.integers(0, 2**16)))
 
 
-class Block(nn.Module):
-    """A custom container with a float buffer, an integer buffer and a non-persistent buffer."""
+class Block(layers.Block):
+    """The custom container (:class:`.layers.Block`), its non-persistent buffer named ``cache``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("running", torch.randn(4, dtype=torch.bfloat16))
-        self.register_buffer("steps", torch.tensor(7, dtype=torch.int64))
-        self.register_buffer("cache", torch.randn(2, dtype=torch.float16), persistent=False)
-
-
-class Scaler(nn.Module):
-    """A layer with a float parameter and a float buffer of another dtype."""
-
-    def __init__(self, width: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.randn(width, dtype=dtype))
-        self.register_buffer("offset", torch.randn(width, dtype=torch.float32))
+    SCRATCH = "cache"
 
 
 def _quantized(kind: str, leaf: Leaf) -> nn.Module:
@@ -158,30 +136,10 @@ def _quantized(kind: str, leaf: Leaf) -> nn.Module:
 def _leaf(leaf: Leaf) -> nn.Module:
     if leaf.kind in QUANT_KINDS:
         return _quantized(leaf.kind, leaf)
-    dtype, w = DTYPES[leaf.dtype], leaf.width
-    module: nn.Module
-    if leaf.kind == "linear":
-        module = nn.Linear(w, w, bias=leaf.bias, dtype=dtype)
-    elif leaf.kind == "embedding":
-        module = nn.Embedding(w, w, dtype=dtype)
-    elif leaf.kind == "layernorm":
-        module = nn.LayerNorm(w, bias=leaf.bias, dtype=dtype)
-    elif leaf.kind == "rmsnorm":
-        module = nn.RMSNorm(w, dtype=dtype)
-    else:
-        module = Scaler(w, dtype)
+    module = float_layer(leaf.kind, leaf.width, DTYPES[leaf.dtype], leaf.bias)
     if leaf.frozen:
         module.requires_grad_(False)
     return module
-
-
-def _attach(container: nn.Module, child: nn.Module, key: str) -> None:
-    if isinstance(container, nn.ModuleList):
-        container.append(child)
-    elif isinstance(container, nn.ModuleDict):
-        container[key] = child
-    else:  # Sequential and Block take named children
-        container.add_module(key, child)
 
 
 def _new_container(kind: str) -> nn.Module:
@@ -204,12 +162,12 @@ def build(recipe: Recipe) -> Built:
     torch.manual_seed(recipe.seed)
     containers = [_new_container(kind) for kind, _ in recipe.containers]
     for i, (_, parent) in enumerate(recipe.containers[1:], start=1):
-        _attach(containers[parent], containers[i], f"c{i}")
+        attach(containers[parent], containers[i], f"c{i}")
     leaves = [_leaf(leaf) for leaf, _ in recipe.leaves]
     for i, (_, where) in enumerate(recipe.leaves):
-        _attach(containers[where], leaves[i], f"l{i}")
+        attach(containers[where], leaves[i], f"l{i}")
     for j, (i, where) in enumerate(recipe.shared):
-        _attach(containers[where], leaves[i], f"s{j}")
+        attach(containers[where], leaves[i], f"s{j}")
     for a, b in recipe.ties:
         wa, wb = getattr(leaves[a], "weight", None), getattr(leaves[b], "weight", None)
         plain = all(

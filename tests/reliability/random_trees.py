@@ -49,6 +49,9 @@ from kbitprep.plugin import (
     quantized_tensor_names,
 )
 
+from . import layers
+from .layers import FLOAT_KINDS, Block, attach, float_layer
+
 __all__ = [
     "SEAMS",
     "CheckpointableModel",
@@ -205,15 +208,6 @@ class Packed4Linear(nn.Module):
         self.register_parameter("bias", nn.Parameter(torch.randn(width, dtype=dtype)) if bias else None)
 
 
-class Scaler(nn.Module):
-    """A float ``gain`` Parameter and a float32 ``offset`` buffer."""
-
-    def __init__(self, width: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.randn(width, dtype=dtype))
-        self.register_buffer("offset", torch.randn(width, dtype=torch.float32))
-
-
 class OddLeaf(nn.Module):
     """Tensors of dtypes kbitprep must leave alone or only freeze (``variant`` picks which)."""
 
@@ -235,16 +229,6 @@ class OddLeaf(nn.Module):
         else:
             self.register_buffer("fp8", torch.randn(width).to(torch.float8_e5m2))
             self.gain = nn.Parameter(torch.randn(width, dtype=torch.float16))
-
-
-class Block(nn.Module):
-    """A custom container with a bf16 buffer, an int64 buffer and a non-persistent fp16 buffer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("running", torch.randn(4, dtype=torch.bfloat16))
-        self.register_buffer("steps", torch.tensor(7, dtype=torch.int64))
-        self.register_buffer("scratch", torch.randn(2, dtype=torch.float16), persistent=False)
 
 
 class CheckpointedLayer(Block):
@@ -535,7 +519,6 @@ def fixup_effects(model: nn.Module, fixup_names: list[str]) -> Effects:
 # --------------------------------------------------------------------------- recipes
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-FLOAT_KINDS = ("linear", "embedding", "layernorm", "rmsnorm", "scaler")
 LEAF_KINDS = (*FLOAT_KINDS, "int8", "packed4", "odd")
 CONTAINER_KINDS = ("sequential", "modulelist", "moduledict", "block", "layer")
 HOOK_KINDS = ("forward", "pre", "kwargs", "backward", "load")
@@ -563,14 +546,9 @@ class Container:
 
 
 @dataclass(frozen=True)
-class Leaf:
-    """A layer: kind, dtype, width, bias, frozen, the container it sits in, and a kind-specific variant."""
+class Leaf(layers.Leaf):
+    """A layer (kind, dtype, width, bias, frozen), the container it sits in, and a kind-specific variant."""
 
-    kind: str
-    dtype: str
-    width: int
-    bias: bool
-    frozen: bool
     where: int
     variant: int = 0
 
@@ -773,16 +751,8 @@ def random_recipe(rng: random.Random) -> Recipe:
 def _leaf(leaf: Leaf) -> nn.Module:
     dtype, w = DTYPES[leaf.dtype], leaf.width
     module: nn.Module
-    if leaf.kind == "linear":
-        module = nn.Linear(w, w, bias=leaf.bias, dtype=dtype)
-    elif leaf.kind == "embedding":
-        module = nn.Embedding(w, w, dtype=dtype)
-    elif leaf.kind == "layernorm":
-        module = nn.LayerNorm(w, bias=leaf.bias, dtype=dtype)
-    elif leaf.kind == "rmsnorm":
-        module = nn.RMSNorm(w, dtype=dtype)
-    elif leaf.kind == "scaler":
-        module = Scaler(w, dtype)
+    if leaf.kind in FLOAT_KINDS:
+        module = float_layer(leaf.kind, w, dtype, leaf.bias)
     elif leaf.kind == "int8":
         module = Int8Linear(
             w, dtype, weight_buffer=bool(leaf.variant & 1), scale_param=bool(leaf.variant & 2), bias=leaf.bias
@@ -809,15 +779,6 @@ def _main_param(leaf: Leaf, module: nn.Module) -> str | None:
     return _MAIN_PARAM.get(leaf.kind)
 
 
-def _attach(container: nn.Module, child: nn.Module, key: str) -> None:
-    if isinstance(container, nn.ModuleList):
-        container.append(child)
-    elif isinstance(container, nn.ModuleDict):
-        container[key] = child
-    else:  # Sequential and the custom containers take named children
-        container.add_module(key, child)
-
-
 def _container(kind: str) -> nn.Module:
     kinds: dict[str, Callable[[], nn.Module]] = {
         "sequential": nn.Sequential,
@@ -841,14 +802,14 @@ _HOOKS: dict[str, Callable[[nn.Module], Any]] = {
 def _body(recipe: Recipe) -> tuple[nn.Module, list[nn.Module]]:
     containers = [_container(c.kind) for c in recipe.containers]
     for i, c in enumerate(recipe.containers[1:], start=1):
-        _attach(containers[c.parent], containers[i], f"c{i}")
+        attach(containers[c.parent], containers[i], f"c{i}")
     leaves = [_leaf(leaf) for leaf in recipe.leaves]
     for i, leaf in enumerate(recipe.leaves):
-        _attach(containers[leaf.where], leaves[i], f"l{i}")
+        attach(containers[leaf.where], leaves[i], f"l{i}")
     for j, (i, where) in enumerate(recipe.shared):
-        _attach(containers[where], leaves[i], f"s{j}")
+        attach(containers[where], leaves[i], f"s{j}")
     for j, (shared, into) in enumerate(recipe.shared_containers):
-        _attach(containers[into], containers[shared], f"sc{j}")
+        attach(containers[into], containers[shared], f"sc{j}")
     for a, b in recipe.ties:
         pa, pb = _main_param(recipe.leaves[a], leaves[a]), _main_param(recipe.leaves[b], leaves[b])
         if a == b or pa is None or pb is None:

@@ -19,15 +19,6 @@ from . import figures
 from .support import assert_restored, differences, full_state, recorded_warnings
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    """A registry of the installed backends only (no broken distribution)."""
-    with recorded_warnings():
-        reg = Registry(strict=False)
-        reg.names()
-    yield reg
-
-
 @pytest.fixture
 def fixup_site(broken_sites: dict[str, Path]) -> Iterator[Registry]:
     """The broken-fixup distribution on the path, and a fresh registry that sees it."""

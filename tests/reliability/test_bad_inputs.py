@@ -26,16 +26,6 @@ from kbitprep import (
 from ..tiny import batch, saved_tiny_llama, tiny_llama
 from .support import assert_restored, full_state, recorded_warnings
 
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    """A registry of the installed backends (no broken distribution)."""
-    with recorded_warnings():
-        reg = Registry(strict=False)
-        reg.names()
-    yield reg
-
-
 # --------------------------------------------------------------------------- not a module
 
 NOT_MODULES = [

@@ -16,7 +16,6 @@ suite stays fast on 2 CPU cores; the number that ran is printed with the reliabi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -41,15 +40,6 @@ SETTINGS = settings(
     derandomize=True,  # the same examples on every run (CI is reproducible; failures print the recipe)
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    """One registry for all examples (discovery once), without any broken distribution."""
-    with recorded_warnings():
-        reg = Registry(strict=False)
-        reg.names()
-    yield reg
 
 
 def _is_quantized_storage(t: torch.Tensor) -> bool:
