@@ -274,12 +274,12 @@ def test_the_estimate_says_the_experts_stay_in_full_precision() -> None:
 
 
 def test_the_expert_note_describes_the_whole_model_when_layers_are_extrapolated() -> None:
-    """A 10-layer model is simulated with 1 and 2 layers; its note counts the experts of all 10 layers and
+    """A 10-layer model is simulated with 2 and 3 layers; its note counts the experts of all 10 layers and
     their share of all 10 layers' bytes, as simulating every layer does."""
     cfg = tiny_moe_config("qwen3_moe", num_hidden_layers=10)
     fit = kbitprep.estimate(cfg, batch=1, seq=8, variants=["default"])
     every = kbitprep.estimate(cfg, batch=1, seq=8, variants=["default"], exact=True)
-    assert fit.simulated_layers == (1, 2) and every.simulated_layers == (10,)
+    assert fit.simulated_layers == (2, 3) and every.simulated_layers == (10,)
     notes = [n for n in fit.notes if "fused expert weights" in n]
     assert len(notes) == 1 and notes[0].startswith("20 fused expert weights"), fit.notes
     assert notes == [n for n in every.notes if "fused expert weights" in n]
@@ -409,3 +409,46 @@ def test_the_estimate_counts_expert_and_router_adapters_when_asked(tmp_path: Pat
     assert json.loads(out.getvalue())["lora_params"] == experts.lora_params
     with pytest.raises(kbitprep.errors.InvalidPolicyError, match="lora_experts='yes' must be True or False"):
         kbitprep.estimate(cfg, lora_experts="yes")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- layers that differ
+
+
+@pytest.mark.parametrize(
+    ("kinds", "part"),
+    [
+        ([0] * 10, (0, 1)),  # identical layers
+        ([1, 1, 1] + [0] * 7, (3, 1)),  # DeepSeek-V3: dense layers first, then experts
+        ([0, 0, 0, 1] * 3, (0, 4)),  # Qwen3-Next: 3 linear-attention layers, 1 full
+        ([0, 1] * 5, (0, 2)),  # Gemma 2: sliding and full attention
+        ([9] + [0, 1] * 3, (1, 2)),  # one layer of its own, then a pattern of 2
+        ([0, 1, 2, 3, 4, 5], None),  # nothing repeats twice
+    ],
+)
+def test_the_repeating_part_of_the_layers(kinds: list[int], part: tuple[int, int] | None) -> None:
+    from kbitprep.app.estimate import _repeating_part
+
+    assert _repeating_part(kinds) == part
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "sims", "note"),
+    [
+        # 2 dense layers, then experts: 1 and 2 layers would see no expert at all
+        ("deepseek_v3", {"num_hidden_layers": 7, "first_k_dense_replace": 2}, (3, 4), "2 leading layers of their own"),
+        ("gemma2", {"num_hidden_layers": 7}, (2, 4), "a pattern repeating every 2"),
+    ],
+)
+def test_layers_that_differ_are_simulated_by_their_repeating_part(
+    model_type: str, overrides: dict[str, Any], sims: tuple[int, int], note: str
+) -> None:
+    """The default widths of each family, cut to 7 layers: the estimate simulates up to one and two repeats
+    of the layers' pattern, says so, and gives what simulating every layer gives."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(model_type, **overrides)
+    fit = kbitprep.estimate(cfg, batch=1, seq=128, variants=["default"])
+    every = kbitprep.estimate(cfg, batch=1, seq=128, variants=["default"], exact=True)
+    assert fit.simulated_layers == sims and every.simulated_layers == (7,)
+    assert any(note in n for n in fit.notes), fit.notes
+    assert fit.rows[0].peak_bytes == pytest.approx(every.rows[0].peak_bytes, rel=0.005)

@@ -13,8 +13,10 @@ storage bytes and allocate what the backend allocates. Every storage's allocatio
 tracked; the peak of live bytes is the estimate.
 
 Decoder layers repeat, so by default a model with more than :data:`EXACT_MAX_LAYERS` layers is
-simulated with 1 and with 2 layers and each part of the peak is extrapolated linearly to the real
-depth (exact for identical layers; ``exact=True`` simulates every layer). The largest batch or
+simulated with 2 and with 3 layers and each part of the peak is extrapolated linearly to the real
+depth (exact for identical layers; ``exact=True`` simulates every layer). Where layers differ (dense
+layers before the experts, hybrid patterns), the repeating part is found and the model simulated up
+to one and two repeats of it. The largest batch or
 sequence that fits a GPU (``gpu_memory=``) is extrapolated from the estimate: the weights and the
 adapter state stay, everything else grows with the tokens per step.
 """
@@ -55,9 +57,11 @@ __all__ = [
     "run_estimate",
 ]
 
-#: Models with at most this many layers are simulated whole; deeper ones with 1 and 2 layers, extrapolated.
+#: Models with at most this many layers are simulated whole; deeper ones with 2 and 3 layers (or up to one and
+#: two repeats of their layer pattern), extrapolated.
 EXACT_MAX_LAYERS = 6
-_FIT_LAYERS = (1, 2)
+_FIT_LAYERS = (2, 3)
+_MIN_FIT_LAYERS = _FIT_LAYERS[0]
 
 #: The rows :func:`estimate` prints by default.
 DEFAULT_VARIANTS = ("peft", "default", "chunked_head", "offload", "lowest")
@@ -388,6 +392,102 @@ def _depth(config: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def _decoder_layers(model: nn.Module, depth: int) -> list[nn.Module] | None:
+    """The layers of the stack ``num_hidden_layers`` sets: the one list of ``depth`` checkpointed layers
+    (``None`` when there is none, or several: an encoder and a decoder of the same depth)."""
+    from .._anatomy import is_checkpointed_layer
+
+    found = [
+        list(m)
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) == depth and all(is_checkpointed_layer(x) for x in m)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def _layer_kinds(config: Any, model: nn.Module, depth: int) -> list[tuple[Any, ...]] | None:
+    """One signature per decoder layer, equal for layers that hold the same modules and parameters
+    (classes, names, shapes) and have the same per-layer types in the config (``layer_types`` ...);
+    ``None`` when the decoder's layers cannot be told apart from the model's other stacks."""
+    layers = _decoder_layers(model, depth)
+    if layers is None:
+        return None
+    text = _text_config(config)
+    per_layer = [
+        value
+        for key in ("layer_types", "mlp_layer_types", "block_types", "layers_block_type")
+        if isinstance(value := getattr(text, key, None), (list, tuple)) and len(value) == depth
+    ]
+    return [
+        (
+            tuple((name, type(mod).__name__) for name, mod in layer.named_modules()),
+            tuple((name, tuple(p.shape), p.dtype) for name, p in layer.named_parameters()),
+            tuple(str(value[i]) for value in per_layer),
+        )
+        for i, layer in enumerate(layers)
+    ]
+
+
+def _repeating_part(kinds: Sequence[object]) -> tuple[int, int] | None:
+    """``(start, period)``: the smallest ``start + 2 * period`` such that from layer ``start`` on, the layers
+    repeat every ``period`` layers (``(0, 1)``: all alike; ``(3, 1)``: DeepSeek-V3's 3 dense layers, then
+    all alike; ``(0, 8)``: Jamba's pattern of 8); ``None`` when no part repeats twice."""
+    numbers: dict[object, int] = {}
+    kinds = [numbers.setdefault(k, len(numbers)) for k in kinds]
+    n = len(kinds)
+    for total in range(2, n + 1):
+        for period in range(1, total // 2 + 1):
+            start = total - 2 * period
+            if all(kinds[i] == kinds[start + (i - start) % period] for i in range(start, n)):
+                return start, period
+    return None
+
+
+def _fit_depths(config: Any, dtype: torch.dtype, layers: int) -> tuple[tuple[int, ...], str]:
+    """The depths to simulate (two, a repeating part apart, or every layer) and a note on the choice.
+
+    Identical layers are simulated with 2 and 3 layers. Models whose layers differ (dense layers before
+    the experts, Mamba and attention layers in a pattern) are simulated with their first layers up to
+    one and two repeats of the pattern, which the truncated config reproduces; where nothing repeats,
+    every layer."""
+    from .metaplan import build_meta_model
+
+    try:
+        with _quiet():
+            kinds = _layer_kinds(config, build_meta_model(config, dtype), layers)
+    except KbitprepError:
+        raise
+    except Exception:  # a model the meta device cannot build here: the simulation says why
+        return _FIT_LAYERS, ""
+    if kinds is None:
+        return _FIT_LAYERS, ""
+    part = _repeating_part(kinds)
+    if part is None:
+        return (layers,), "every layer simulated: the layers follow no repeating pattern"
+    start, period = part
+    # at least 2 layers in the shallower one: with 1 the peak may fall elsewhere in the step (at the logits
+    # rather than in a layer's backward), and the parts would not grow by one layer's worth
+    first = start + period * max(1, -(-(_MIN_FIT_LAYERS - start) // period))
+    sims = (first, first + period)
+    if sims[1] >= layers:
+        return (layers,), ""
+    if (start, period) == (0, 1):
+        return sims, ""
+    try:  # the truncated config must build the same first layers (per-layer settings kept by other keys)
+        with _quiet():
+            cut = _truncated(config, sims[1])
+            same = _layer_kinds(cut, build_meta_model(cut, dtype), sims[1]) == kinds[: sims[1]]
+    except Exception:
+        same = False
+    if not same:
+        return (layers,), "every layer simulated: the layers differ, and a config cut to fewer layers builds other ones"
+    lead = f"{start} leading layers of their own, then " if start else ""
+    return sims, (
+        f"layers differ ({lead}a pattern repeating every {period}): simulated with {sims[0]} and {sims[1]} layers"
+        + ("" if (layers - start) % period == 0 else f"; the last {(layers - start) % period} are a partial repeat")
+    )
+
+
 def _truncated(config: Any, layers: int) -> Any:
     cfg = copy.deepcopy(config)
     text = _text_config(cfg)
@@ -566,7 +666,7 @@ def estimate(
             length that do.
         keep_logits: the training loop holds the model output (logits) through the backward
             (transformers' Trainer does not: it keeps the loss only).
-        exact: simulate every layer instead of extrapolating from 1 and 2.
+        exact: simulate every layer instead of extrapolating from two depths.
         progress: print progress to stderr.
         trainer: the training stack the rows predict: ``"plain"`` (a loop or transformers' ``Trainer``:
             ``model(..., labels=...)``) or ``"trl"`` (TRL's SFT/DPO/GRPO/KTO trainers, which call
@@ -631,7 +731,10 @@ def estimate(
             raise InvalidPolicyError("variants= is empty; name at least one row")
     resolved = [_resolve_variant(v, scheme) for v in chosen]
     layers = _depth(config)
-    sims: tuple[int, ...] = (layers,) if exact or layers <= EXACT_MAX_LAYERS else _FIT_LAYERS
+    sims: tuple[int, ...] = (layers,)
+    depth_note = ""
+    if not exact and layers > EXACT_MAX_LAYERS:
+        sims, depth_note = _fit_depths(config, float_dtype, layers)
     if trainer not in TRAINERS:
         raise InvalidPolicyError(f"trainer={trainer!r} is not valid; use one of {', '.join(map(repr, TRAINERS))}")
     common = {
@@ -648,7 +751,7 @@ def estimate(
     }
     rows: list[EstimateRow] = []
     lora_params = 0
-    notes: list[str] = []
+    notes: list[str] = [depth_note] if depth_note else []
     total = len(resolved) * len(sims)
     done = 0
     depths: dict[int, Any] = {layers: config}
@@ -659,7 +762,7 @@ def estimate(
         except Exception as exc:  # a config whose depth is set by other keys (Funnel): simulate it whole
             sims = (layers,)
             total = len(resolved)
-            notes.append(f"every layer simulated: the config cannot be cut to 1 and 2 layers ({type(exc).__name__})")
+            notes.append(f"every layer simulated: the config cannot be cut to fewer layers ({type(exc).__name__})")
     plans: dict[tuple[int, str], Any] = {}
     for rv in resolved:
         results = []
