@@ -17,11 +17,12 @@ their dtype, so parameter memory stays at kbitprep's level for everything frozen
 Finding new candidates must not cost a walk of the module tree at every forward (3 ms for an 8B-shaped
 model with LoRA on all linear layers). The hook keeps the model's parameters in a flat tuple and checks
 those (``requires_grad`` and dtype are read live, so a parameter unfrozen by hand is seen); it walks the
-tree again only when a module or parameter never registered before was registered anywhere in the
-process since (torch's global registration hooks: PEFT adding ``modules_to_save`` copies, a layer
+tree again only when a parameter, or a module never registered before, was registered anywhere in
+the process since (torch's global registration hooks: PEFT adding ``modules_to_save`` copies, a layer
 replaced by assignment), which a process-wide counter tells. Registering a known module again does not
 count: transformers slices its ``ModuleList`` of layers at every forward, which registers each layer
-into a temporary list.
+into a temporary list. (Modules are known by weak reference; parameters are not, since a weak reference
+keeps ``torch.utils.swap_tensors``, which ``model.to()`` uses for tensor subclasses, from swapping them.)
 
 The changes are added to the prepared model's record: :func:`kbitprep.undo` removes the hooks and
 casts those parameters back to their dtype; :func:`kbitprep.report` lists them among the steps.
@@ -47,20 +48,23 @@ __all__ = ["MasterWeights", "master_weights_note"]
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()  # one for all models: upcasts are rare (a first training forward), and hooks stay copyable
 
-#: How many modules and parameters never registered before were registered in this process (while watched).
+#: How many parameters, and modules never registered before, were registered in this process (while watched).
 _registrations = [0]
-_registered: dict[int, weakref.ref[Any]] = {}  # by id (a tensor's == is elementwise), dropped when freed
+_known_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules hash and compare by identity
 _watching: list[Any] = []
 
 
-def _count_registration(module: nn.Module, name: str, value: Any) -> None:
-    if value is None:
-        return
-    key = id(value)
-    known = _registered.get(key)
-    if known is not None and known() is value:
-        return
-    _registered[key] = weakref.ref(value, lambda _, key=key: _registered.pop(key, None))  # type: ignore[misc]
+def _count_module(module: nn.Module, name: str, value: Any) -> None:
+    try:
+        if value in _known_modules:
+            return
+        _known_modules.add(value)
+    except TypeError:  # a module class that cannot be hashed or weakly referenced: count it each time
+        pass
+    _registrations[0] += 1
+
+
+def _count_parameter(module: nn.Module, name: str, value: Any) -> None:
     _registrations[0] += 1
 
 
@@ -70,8 +74,8 @@ def _watch_registrations() -> None:
         if not _watching:
             from torch.nn.modules import module as torch_module
 
-            _watching.append(torch_module.register_module_module_registration_hook(_count_registration))
-            _watching.append(torch_module.register_module_parameter_registration_hook(_count_registration))
+            _watching.append(torch_module.register_module_module_registration_hook(_count_module))
+            _watching.append(torch_module.register_module_parameter_registration_hook(_count_parameter))
 
 
 def master_weights_note() -> str:
