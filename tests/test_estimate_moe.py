@@ -452,3 +452,23 @@ def test_layers_that_differ_are_simulated_by_their_repeating_part(
     assert fit.simulated_layers == sims and every.simulated_layers == (7,)
     assert any(note in n for n in fit.notes), fit.notes
     assert fit.rows[0].peak_bytes == pytest.approx(every.rows[0].peak_bytes, rel=0.005)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "sims", "note"),
+    [
+        ("llama", (2, 3), ""),  # identical layers
+        ("deepseek_v3", (4, 5), "3 leading layers of their own, then a pattern repeating every 1"),
+        ("jamba", (8, 16), "a pattern repeating every 8"),  # Mamba and attention layers
+        ("zamba2", (54,), "starts or repeats too late to save time"),  # 44 layers before the pattern: all 54
+    ],
+)
+def test_the_depths_chosen_for_default_configs(model_type: str, sims: tuple[int, ...], note: str) -> None:
+    """Which depths the estimate simulates for the families' default configs (meta-device builds only)."""
+    from transformers import AutoConfig
+
+    from kbitprep.app.estimate import _fit_depths
+
+    cfg = AutoConfig.for_model(model_type)
+    chosen, why = _fit_depths(cfg, torch.bfloat16, cfg.num_hidden_layers)
+    assert chosen == sims and note in why and bool(why) == bool(note), (chosen, why)

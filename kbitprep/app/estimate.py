@@ -469,8 +469,9 @@ def _fit_depths(config: Any, dtype: torch.dtype, layers: int) -> tuple[tuple[int
     # rather than in a layer's backward), and the parts would not grow by one layer's worth
     first = start + period * max(1, -(-(_MIN_FIT_LAYERS - start) // period))
     sims = (first, first + period)
-    if sims[1] >= layers:
-        return (layers,), ""
+    if sims[0] + sims[1] > layers:  # the two depths would cost more than the whole model
+        late = "every layer simulated: the layers' pattern starts or repeats too late to save time"
+        return (layers,), "" if (start, period) == (0, 1) else late
     if (start, period) == (0, 1):
         return sims, ""
     try:  # the truncated config must build the same first layers (per-layer settings kept by other keys)
