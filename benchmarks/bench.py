@@ -153,13 +153,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # their loss: the causal LM patched with trl.trainer.utils.add_fused_lm_head (as SFTTrainer does, with its outputs),
 # called with fused_lm_head=True. With kbitprep's chunked head, kbitprep's head serves those calls on CPU and TRL's
 # on CUDA (kbitprep._memory.trl_fused.FUSED_HEAD_BY_DEVICE); the rows record which head ran (head_calls).
-for _base in ("peft", "default", "chunked-head", "lowest"):
+_TRL_BASES = ("peft", "default", "chunked-head", "lowest")
+for _base in _TRL_BASES:
     VARIANTS[f"trl-{_base}"] = {
         **VARIANTS[_base],
         "stack": "trl",
         "label": VARIANTS[_base]["label"] + ", trained through TRL's fused head (fused_lm_head=True)",
     }
-TRL_VARIANTS = ["trl-peft", "trl-default", "trl-chunked-head", "trl-lowest"]
+TRL_VARIANTS = [f"trl-{b}" for b in _TRL_BASES]
 
 KNOWN: dict[str, dict[str, Any]] = {"models": MODELS, "backends": BACKENDS, "variants": VARIANTS}
 
@@ -203,7 +204,7 @@ MODES: dict[str, dict[str, Any]] = {
         "device": "cpu",
         "models": ["llama-128k"],
         "backends": ["bnb-nf4"],
-        "variants": ["peft", "default", "chunked-head", "lowest", *TRL_VARIANTS],
+        "variants": [*_TRL_BASES, *TRL_VARIANTS],
         "batch": 2,
         "seq": 512,
         "steps": 3,
@@ -405,8 +406,10 @@ def child_variant(spec: dict[str, Any]) -> dict[str, Any]:
     if variant.get("stack") == "trl":
         from trl.trainer.utils import add_fused_lm_head
 
+        from kbitprep._memory.trl_fused import SFT_OUTPUTS
+
         # what SFTTrainer does: patch the causal LM under the PEFT model, then call with fused_lm_head=True
-        add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+        add_fused_lm_head(model.get_base_model(), outputs=SFT_OUTPUTS)
         fused = {"fused_lm_head": True}
     trainable = [p for p in model.parameters() if p.requires_grad]
     out["lora_params"] = sum(p.numel() for p in trainable)

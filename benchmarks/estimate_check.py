@@ -29,7 +29,7 @@ def cases() -> list[tuple[str, str, Any]]:
         real_and_simulated,
         tiny_jamba_config,
     )
-    from tests.test_lora_experts import tiny_moe_config
+    from tests.tiny_configs import tiny_moe_config
 
     out: list[tuple[str, str, Any]] = []
     for family in ("qwen3_moe", "mixtral", "olmoe"):

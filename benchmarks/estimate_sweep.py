@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 LAYERS = 2
-PER_LAYER = ("layer_types", "mlp_layer_types", "block_types")
 #: The mixture-of-experts families issue 19 names: none of them may be refused.
 MOE_FAMILIES = (
     "mixtral",
@@ -54,16 +53,13 @@ HYBRID_FAMILIES = ("mamba", "mamba2", "falcon_h1", "nemotron_h", "zamba2", "jamb
 
 
 def shrink(config: Any, layers: int = LAYERS) -> Any:
-    """A copy of ``config`` with ``layers`` layers in its text config (per-layer lists cut to match)."""
-    cfg = copy.deepcopy(config)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    if int(getattr(text, "num_hidden_layers", 0) or 0) > layers:
-        text.num_hidden_layers = layers
-        for key in PER_LAYER:
-            value = getattr(text, key, None)
-            if isinstance(value, list) and len(value) > layers:
-                setattr(text, key, value[:layers])
-    return cfg
+    """A copy of ``config`` with ``layers`` layers in its text config (the estimate's own cut)."""
+    from kbitprep._anatomy import text_config
+    from kbitprep.app.estimate import truncated_config
+
+    if int(getattr(text_config(config), "num_hidden_layers", 0) or 0) > layers:
+        return truncated_config(config, layers)
+    return copy.deepcopy(config)
 
 
 class _Timeout(BaseException):  # not an Exception: estimate() must not turn it into a refusal

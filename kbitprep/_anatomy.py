@@ -24,6 +24,7 @@ __all__ = [
     "is_checkpointed_layer",
     "model_configs",
     "output_head",
+    "own_adapter_params",
     "text_config",
 ]
 
@@ -186,9 +187,9 @@ class Stack:
     Attributes:
         name: qualified name of the container.
         layers: ``(qualified name, layer)`` of each outermost checkpointed layer in it, in order.
-        owner: qualified name of the enclosing sub-model (the nearest module with
-            ``get_input_embeddings``: ``model.encoder``, ``model.vision_tower``), or ``None``.
-        main_input: the owner's ``main_input_name`` (``"input_features"``, ``"pixel_values"``), or ``""``.
+        main_input: the ``main_input_name`` (``"input_features"``, ``"pixel_values"``, or ``""``) of the
+            stack's owner: the enclosing sub-model, the nearest module with ``get_input_embeddings``
+            (``model.encoder``, ``model.vision_tower``).
         embeddings: the owner's input embeddings (the module its inputs enter through: the Whisper
             encoder's ``conv1``, a vision tower's patch embedding), or ``None``.
         embeddings_name: their qualified name, ``""`` without them.
@@ -196,7 +197,6 @@ class Stack:
 
     name: str
     layers: tuple[tuple[str, nn.Module], ...]
-    owner: str | None
     main_input: str
     embeddings: nn.Module | None
     embeddings_name: str = ""
@@ -230,7 +230,6 @@ def _stacks(named: dict[str, nn.Module], names: dict[int, str], layer_names: lis
             Stack(
                 name=container,
                 layers=tuple((n, named[n]) for n in members),
-                owner=owner,
                 main_input=str(getattr(owner_mod, "main_input_name", "") or ""),
                 embeddings=emb,
                 embeddings_name="" if emb is None else names.get(id(emb), type(emb).__name__),
@@ -254,11 +253,15 @@ def _submodel_embeddings(target: nn.Module | None, names: dict[int, str]) -> tup
     return tuple(found.values())
 
 
-def _own_adapter_params(mod: nn.Module) -> set[int]:
-    """``id`` of the PEFT adapter parameters one module holds (lora_A/B ..., modules_to_save copies)."""
+def own_adapter_params(mod: nn.Module, *, saved_copies: bool = True) -> set[int]:
+    """``id`` of the PEFT adapter parameters one module holds (lora_A/B ..., modules_to_save copies;
+    without those copies, which train in full, when ``saved_copies`` is false)."""
     ids: set[int] = set()
+    saved = type(mod).__name__ == "ModulesToSaveWrapper"
+    if saved and not saved_copies:
+        return ids
     names = tuple(getattr(mod, "adapter_layer_names", ())) + tuple(getattr(mod, "other_param_names", ()))
-    if type(mod).__name__ == "ModulesToSaveWrapper":
+    if saved:
         names += ("modules_to_save",)
     for attr in names:
         sub = getattr(mod, attr, None)
@@ -326,7 +329,7 @@ def anatomy(model: nn.Module) -> Anatomy:
             existing = existing_checkpointing(mod)
         if hasattr(mod, "adapter_layer_names"):
             has_adapter_layers = True
-        adapters.update(_own_adapter_params(mod))
+        adapters.update(own_adapter_params(mod))
         cfg = getattr(mod, "config", None)
         if _is_config(cfg):
             configs.append(cfg)

@@ -17,6 +17,11 @@ from torch import nn
 __all__ = ["expert_parameters", "fused_expert_figures", "fused_expert_text", "router_modules"]
 
 
+def _is_fused_expert(mod: nn.Module, p: nn.Parameter) -> bool:
+    """A floating-point parameter of 3 or more dimensions outside a convolution (whose kernels are 3-D+ too)."""
+    return p.dim() >= 3 and p.dtype.is_floating_point and not isinstance(mod, nn.modules.conv._ConvNd)
+
+
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The fused expert weights of ``model``: its floating-point parameters of 3 or more dimensions
     outside convolution layers (whose kernels are 3-D+ too, and not experts), by qualified name,
@@ -24,10 +29,8 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     found: list[tuple[str, nn.Parameter]] = []
     seen: set[int] = set()
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            continue
         for local, p in mod.named_parameters(recurse=False):
-            if p.dim() >= 3 and p.dtype.is_floating_point and id(p) not in seen:
+            if _is_fused_expert(mod, p) and id(p) not in seen:
                 seen.add(id(p))
                 found.append((f"{mod_name}.{local}" if mod_name else local, p))
     return found
@@ -42,7 +45,7 @@ def fused_expert_figures(modules: Iterable[nn.Module]) -> tuple[int, int, int]:
     for mod in modules:
         for p in mod.parameters(recurse=False):
             every[id(p)] = p
-            if not isinstance(mod, nn.modules.conv._ConvNd) and p.dim() >= 3 and p.dtype.is_floating_point:
+            if _is_fused_expert(mod, p):
                 fused[id(p)] = p
     return (
         len(fused),
@@ -64,7 +67,7 @@ def router_modules(model: nn.Module) -> list[str]:
     """Qualified names of the routers of ``model`` (modules whose class name ends in ``Router``), outermost only."""
     names: list[str] = []
     for name, mod in model.named_modules():
-        if name and type(mod).__name__.endswith("Router") and not any(name.startswith(f"{n}.") for n in names):
+        if name and type(mod).__name__.endswith("Router") and not inside(name, names):
             names.append(name)
     return names
 

@@ -57,9 +57,10 @@ def _targets(model: nn.Module, decided: list[tuple[Any, Any]], include_head: boo
     head = None if include_head else output_head(model)
     routers = router_modules(model)
     plain: list[str] = []
+    claimed_set = set(claimed)
     for name, mod in model.named_modules():
-        if not name or name.startswith(below) or mod is head or name.endswith(".base_layer"):
-            continue
+        if not name or name in claimed_set or name.startswith(below) or mod is head or name.endswith(".base_layer"):
+            continue  # the backend's layers are targets already: no probe of their forward
         if any(f".{c}." in f".{name}." for c in _ADAPTER_CONTAINERS):
             continue
         if inside(name, routers):
@@ -67,7 +68,7 @@ def _targets(model: nn.Module, decided: list[tuple[Any, Any]], include_head: boo
                 plain.append(name)
         elif type(mod).__name__ in _PLAIN_LINEAR or acts_as_linear(mod):
             plain.append(name)
-    names = set(claimed) | set(plain)
+    names = claimed_set | set(plain)
     return [n for n, _ in model.named_modules() if n in names]
 
 

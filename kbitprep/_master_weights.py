@@ -40,10 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._anatomy import own_adapter_params
 from ._snapshot import Changes, Snapshot
 from .plugin import HALF_DTYPES, is_plain_tensor
 
-__all__ = ["MasterWeights", "master_weights_note"]
+__all__ = ["MASTER_WEIGHTS_NOTE", "MasterWeights"]
 
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()  # one for all models: upcasts are rare (a first training forward), and hooks stay copyable
@@ -78,28 +79,11 @@ def _watch_registrations() -> None:
             _watching.append(torch_module.register_module_parameter_registration_hook(_count_parameter))
 
 
-def master_weights_note() -> str:
-    """The plan's note on what :class:`MasterWeights` does."""
-    return (
-        "half-precision parameters made trainable after prepare (PEFT's modules_to_save, trainable_token_indices, "
-        "by hand) get fp32 master weights at the first training forward"
-    )
-
-
-def _adapter_tensors(model: nn.Module) -> set[int]:
-    """``id`` of the parameters of PEFT's adapter layers (``adapter_layer_names``: LoRA's ``lora_A`` ...),
-    but not of ``modules_to_save`` copies, which train in full."""
-    ids: set[int] = set()
-    for mod in model.modules():
-        if type(mod).__name__ == "ModulesToSaveWrapper":
-            continue
-        for attr in getattr(mod, "adapter_layer_names", ()):
-            sub = getattr(mod, attr, None)
-            if isinstance(sub, nn.Module):
-                ids.update(id(p) for p in sub.parameters())
-            elif isinstance(sub, nn.ParameterDict):
-                ids.update(id(p) for p in sub.values())
-    return ids
+#: The plan's note on what :class:`MasterWeights` does.
+MASTER_WEIGHTS_NOTE = (
+    "half-precision parameters made trainable after prepare (PEFT's modules_to_save, trainable_token_indices, "
+    "by hand) get fp32 master weights at the first training forward"
+)
 
 
 def _cast_floats(value: Any, dtype: torch.dtype, only: Collection[torch.dtype]) -> Any:
@@ -163,7 +147,7 @@ class MasterWeights:
         """The new candidates, but PEFT's own adapter tensors (LoRA's A and B ...), whose dtype PEFT (its
         ``autocast_adapter_dtype``) and the trainer (TRL casts them to bf16 for bitsandbytes) decide: those
         are marked seen and left alone. ``modules_to_save`` copies are not adapters in that sense: they train."""
-        adapters = _adapter_tensors(module)
+        adapters = {i for mod in module.modules() for i in own_adapter_params(mod, saved_copies=False)}
         found = []
         for owner_name, owner in module.named_modules():
             for local, p in owner.named_parameters(recurse=False):

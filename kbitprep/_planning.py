@@ -15,7 +15,7 @@ from torch import nn
 
 from ._anatomy import Anatomy, Stack, anatomy, count_input_grad_hooks, count_layer_input_hooks
 from ._fsdp import FsdpSetting, check_fsdp_dtypes, detect_fsdp, fsdp_choices
-from ._master_weights import master_weights_note
+from ._master_weights import MASTER_WEIGHTS_NOTE
 from ._memory import MemoryChoice, MemoryModes, memory_plan, preset_options, resolve_memory
 from ._peft_rules import peft_casts
 from ._plan_types import ParamPlan, Plan
@@ -161,7 +161,7 @@ def build_plan(
         notes.append(f"use_cache turned off (no KV cache in training) on: {', '.join(use_cache_off)}")
     master_weights = plan_master_weights(params, peft_compat=peft_compat)
     if master_weights:
-        notes.append(master_weights_note())
+        notes.append(MASTER_WEIGHTS_NOTE)
     backend_warnings = raise_backend_warnings(decls)
     notes += [f"warning: {w}" for w in backend_warnings]
     log.debug(

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ._experts import fused_expert_figures, fused_expert_text
 from .errors import PluginContractError
 
 __all__ = [
@@ -518,8 +519,6 @@ def fused_expert_note(model: nn.Module, integration: str) -> tuple[str, ...]:
         model: the model as loaded.
         integration: the quantization library whose transformers integration loaded it (``"bitsandbytes"``).
     """
-    from ._experts import fused_expert_figures, fused_expert_text
-
     count, fused_bytes, total = fused_expert_figures(module_index(model).values())
     return (fused_expert_text(count, fused_bytes, total, integration),) if count else ()
 

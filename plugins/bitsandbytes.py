@@ -190,12 +190,6 @@ def _warnings(model: nn.Module, detection: Detection, kind: str, layer_class: st
     return _quantized_heads(detection.modules, kind)
 
 
-def _unconverted_experts(model: nn.Module) -> tuple[str, ...]:
-    """A note when fused expert weights (3-D parameters, as in Mixtral / Qwen MoE) stay in full precision:
-    transformers' bitsandbytes integration converts ``nn.Linear`` layers only."""
-    return fused_expert_note(model, "bitsandbytes")
-
-
 def _packed(mod: nn.Module) -> list[nn.Parameter]:
     """The ``Params4bit`` of ``mod`` whose layout bnb repacked for its CPU inference kernel."""
     return [
@@ -262,7 +256,7 @@ class Bnb4bitBackend(Backend):
         notes: tuple[str, ...] = (
             (f"{packed} Linear4bit weights are packed for CPU inference; prepare unpacks them",) if packed else ()
         )
-        notes += _unconverted_experts(model)
+        notes += fused_expert_note(model, "bitsandbytes")
         # Params4bit is packed storage whatever dtype it reports (bnb_4bit_quant_storage=bf16 packs into bf16)
         storage = quantized_tensor_names(
             model, detection.modules, include=lambda n, t: type(t).__name__ == "Params4bit"
@@ -311,7 +305,7 @@ class Bnb8bitBackend(Backend):
             if bf16
             else ()
         )
-        notes += _unconverted_experts(model)
+        notes += fused_expert_note(model, "bitsandbytes")
         return Declarations(
             quantized=quantized_tensor_names(model, detection.modules),
             upcast_note=_UPCAST_NOTE,

@@ -266,11 +266,12 @@ def test_other_architectures(model_type: str) -> None:
     from transformers import AutoConfig
 
     settings = {k: v for k, v in TINY.items() if k != "tie_word_embeddings"}
+    settings["vocab_size"] = 32000  # the logits dominate the peak, so chunking the head shows
     cfg = AutoConfig.for_model(model_type, **settings, head_dim=32)
-    result = estimate(cfg, batch=2, seq=64, variants=["peft", "default", "chunked_head"])
+    result = estimate(cfg, batch=2, seq=512, variants=["peft", "default", "chunked_head"])
     peft_row, default, chunked = result.rows
-    assert peft_row.peak_bytes > default.peak_bytes > 0
-    assert chunked.parts["logits_loss"] <= default.parts["logits_loss"]
+    assert peft_row.peak_bytes > default.peak_bytes > chunked.peak_bytes > 0
+    assert chunked.parts["logits_loss"] < default.parts["logits_loss"] / 3
     assert not any("does not apply" in n for n in result.notes)
 
 

@@ -7,6 +7,7 @@ the trainable copy was bf16, and after 3 AdamW steps at lr 1e-5 only ~16% of its
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -21,6 +22,7 @@ peft = pytest.importorskip("peft")
 
 
 def _nf4() -> torch.nn.Module:
+    pytest.importorskip("bitsandbytes", reason="the issue's case loads the model with bitsandbytes NF4 (extra 'bnb')")
     return LOADERS["bnb-4bit"][2](saved_tiny_llama(torch.bfloat16))
 
 
@@ -89,7 +91,8 @@ def test_a_layer_unfrozen_by_hand_trains_in_fp32_and_keeps_computing_in_half_pre
     assert seen == [torch.bfloat16, torch.bfloat16]  # the rest of the model still gets bf16
     assert model.model.norm.weight.dtype is torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):  # and under autocast
-        _train(model, steps=1)
+        loss = _train(model, steps=1)
+    assert math.isfinite(loss) and emb.weight.dtype is torch.float32
 
 
 def test_undo_removes_the_hooks_and_casts_back() -> None:
@@ -121,6 +124,7 @@ def test_the_drop_in_upcasts_as_peft_does_and_installs_no_master_weights() -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kbitprep.prepare_model_for_kbit_training(model)
+    assert model.model.norm.weight.dtype is torch.float32  # PEFT's upcast: trainable later in fp32 already
     assert not kbitprep.report(model).plan.master_weights
     fp32 = kbitprep.prepare(tiny_llama(torch.float32))
     assert not kbitprep.report(fp32).plan.master_weights  # nothing in half precision
@@ -136,7 +140,9 @@ def test_steady_training_forwards_do_not_walk_the_model_and_still_see_new_traina
     torch.manual_seed(0)
     model = kbitprep.prepare(tiny_llama(torch.bfloat16))
     model.model.embed_tokens.weight.requires_grad_(True)
-    _train(model, steps=1)  # the first training forward walks once
+    # the first forward walks; it also registers the decoder layers into the list transformers slices,
+    # seen for the first time, so the second walks once more; from then on nothing new is registered
+    _train(model, steps=2)
     assert model.model.embed_tokens.weight.dtype is torch.float32
     x = torch.tensor(learnable_ids())
     model.train()

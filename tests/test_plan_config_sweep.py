@@ -49,32 +49,22 @@ class Sweep:
         return {mt: msg for mt, (k, msg) in self.outcomes.items() if k == kind}
 
 
-#: Per-layer lists cut to the shrunk depth with it (as ``kbitprep.app.estimate`` truncates a config).
-PER_LAYER = ("layer_types", "mlp_layer_types", "block_types")
-
-
 def shrink(config: Any, layers: int = LAYERS) -> Any:
     """A copy of ``config`` whose text config (the config itself for a plain model) has ``layers``
-    layers: ``num_hidden_layers`` set, the per-layer lists of :data:`PER_LAYER` cut to as many entries,
-    every other attribute left as it is (some models keep more per-layer lists: their config is then
-    inconsistent, as a hand-edited one can be, and must fail clearly). A config that refuses the
-    change (several text configs, a depth set by other keys) keeps its default depth."""
-    cfg = copy.deepcopy(config)
-    try:
-        text = cfg.get_text_config()
-    except Exception:  # several text configs (MusicGen): shrink the top level only
-        text = cfg
-    depth = getattr(text, "num_hidden_layers", 0)
+    layers, cut as the estimate cuts it (:func:`kbitprep.app.estimate.truncated_config`: the per-layer
+    lists of ``PER_LAYER_KEYS`` cut to as many entries, every other attribute left as it is; some models
+    keep more per-layer lists: their config is then inconsistent, as a hand-edited one can be, and must
+    fail clearly). A config that refuses the change (a depth set by other keys) keeps its default depth."""
+    from kbitprep._anatomy import text_config
+    from kbitprep.app.estimate import truncated_config
+
+    depth = getattr(text_config(config), "num_hidden_layers", 0)
     if isinstance(depth, int) and depth > layers:
         try:
-            text.num_hidden_layers = layers
+            return truncated_config(config, layers)
         except Exception:  # Funnel, ProphetNet: set by other keys; planned at their default depth
-            return copy.deepcopy(config)
-        for key in PER_LAYER:
-            value = getattr(text, key, None)
-            if isinstance(value, list) and len(value) > layers:
-                setattr(text, key, value[:layers])
-    return cfg
+            pass
+    return copy.deepcopy(config)
 
 
 def run_sweep(model_types: list[str] | None = None) -> Sweep:

@@ -174,8 +174,8 @@ def chunked_token_stats(
     """Per-token statistics of ``head(hidden)`` against ``targets``, ``chunk_tokens`` tokens at a time.
 
     What TRL's fused head (``model(..., fused_lm_head=True)``) computes, with at most one chunk's
-    logits alive at a time, in the forward and (recomputed inside a non-reentrant checkpoint) in the
-    backward: ``log_probs`` (of each target under the temperature-scaled distribution) and
+    logits alive at a time, in the forward and (recomputed chunk by chunk by :class:`_ChunkStats`'s own
+    backward) in the backward: ``log_probs`` (of each target under the temperature-scaled distribution) and
     ``entropy`` carry gradients; ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1`` (the target is
     the first most likely token) do not.
 

@@ -31,6 +31,7 @@ from .._anatomy import text_config as _text_config
 
 __all__ = [
     "FUSED_HEAD_BY_DEVICE",
+    "SFT_OUTPUTS",
     "FusedRequest",
     "FusedRouter",
     "clear_request",
@@ -44,6 +45,10 @@ __all__ = [
 
 #: Which head serves TRL's ``fused_lm_head=True`` calls, by the device type of the output head.
 FUSED_HEAD_BY_DEVICE: Mapping[str, str] = {"cpu": "kbitprep", "cuda": "trl"}
+
+#: The outputs SFTTrainer asks TRL's fused head for (``add_fused_lm_head(model, outputs=...)``): its loss
+#: needs the log-probabilities, its logged metrics the entropy and the top-1 accuracy.
+SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")
 
 _TRL_FREEVARS = ("temperature", "outputs", "cast_lm_head_to_fp32", "original_forward")
 

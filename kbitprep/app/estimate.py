@@ -47,6 +47,7 @@ from .output import emit_json
 __all__ = [
     "DEFAULT_VARIANTS",
     "EXACT_MAX_LAYERS",
+    "PER_LAYER_KEYS",
     "Estimate",
     "EstimateRow",
     "Variant",
@@ -55,6 +56,7 @@ __all__ = [
     "format_gpu_memory",
     "parse_bytes",
     "run_estimate",
+    "truncated_config",
 ]
 
 #: Models with at most this many layers are simulated whole; deeper ones with 2 and 3 layers (or up to one and
@@ -415,7 +417,7 @@ def _layer_kinds(config: Any, model: nn.Module, depth: int) -> list[tuple[Any, .
     text = _text_config(config)
     per_layer = [
         value
-        for key in ("layer_types", "mlp_layer_types", "block_types", "layers_block_type")
+        for key in (*PER_LAYER_KEYS, "layers_block_type")  # Jamba's, derived from its periods
         if isinstance(value := getattr(text, key, None), (list, tuple)) and len(value) == depth
     ]
     return [
@@ -476,7 +478,7 @@ def _fit_depths(config: Any, dtype: torch.dtype, layers: int) -> tuple[tuple[int
         return sims, ""
     try:  # the truncated config must build the same first layers (per-layer settings kept by other keys)
         with _quiet():
-            cut = _truncated(config, sims[1])
+            cut = truncated_config(config, sims[1])
             same = _layer_kinds(cut, build_meta_model(cut, dtype), sims[1]) == kinds[: sims[1]]
     except Exception:
         same = False
@@ -489,11 +491,21 @@ def _fit_depths(config: Any, dtype: torch.dtype, layers: int) -> tuple[tuple[int
     )
 
 
-def _truncated(config: Any, layers: int) -> Any:
+#: Per-layer lists of a text config, cut with its depth (``layer_types``: Gemma's sliding/full attention ...).
+PER_LAYER_KEYS = ("layer_types", "mlp_layer_types", "block_types")
+
+
+def truncated_config(config: Any, layers: int) -> Any:
+    """A copy of ``config`` whose text config has ``layers`` layers: ``num_hidden_layers`` set and the lists
+    of :data:`PER_LAYER_KEYS` cut to as many entries; every other attribute as it was.
+
+    Raises:
+        Exception: whatever the config raises when its depth is set (Funnel, ProphetNet set it by other keys).
+    """
     cfg = copy.deepcopy(config)
     text = _text_config(cfg)
     text.num_hidden_layers = layers
-    for key in ("layer_types", "mlp_layer_types", "block_types"):
+    for key in PER_LAYER_KEYS:
         value = getattr(text, key, None)
         if isinstance(value, list) and len(value) > layers:
             setattr(text, key, value[:layers])
@@ -731,16 +743,18 @@ def estimate(
         if not chosen:
             raise InvalidPolicyError("variants= is empty; name at least one row")
     resolved = [_resolve_variant(v, scheme) for v in chosen]
+    if trainer not in TRAINERS:
+        raise InvalidPolicyError(f"trainer={trainer!r} is not valid; use one of {', '.join(map(repr, TRAINERS))}")
+    _flag("lora_experts", lora_experts)
+    _flag("lora_router", lora_router)
     layers = _depth(config)
     sims: tuple[int, ...] = (layers,)
     depth_note = ""
     if not exact and layers > EXACT_MAX_LAYERS:
         sims, depth_note = _fit_depths(config, float_dtype, layers)
-    if trainer not in TRAINERS:
-        raise InvalidPolicyError(f"trainer={trainer!r} is not valid; use one of {', '.join(map(repr, TRAINERS))}")
     common = {
-        "lora_experts": _flag("lora_experts", lora_experts),
-        "lora_router": _flag("lora_router", lora_router),
+        "lora_experts": lora_experts,
+        "lora_router": lora_router,
         "trainer": trainer,
         "batch": batch,
         "seq": seq,
@@ -759,7 +773,7 @@ def estimate(
     if len(sims) > 1:
         try:
             with _quiet():
-                depths = {n: _truncated(config, n) for n in sims}
+                depths = {n: truncated_config(config, n) for n in sims}
         except Exception as exc:  # a config whose depth is set by other keys (Funnel): simulate it whole
             sims = (layers,)
             total = len(resolved)

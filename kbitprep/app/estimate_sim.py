@@ -681,13 +681,16 @@ class SimResult:
 
 
 def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimResult:
-    """Run ``setup.steps`` training steps of ``meta_model`` (consumed) on fake tensors and track memory."""
+    """Run ``setup.steps`` training steps of ``meta_model`` (consumed) on fake tensors and track memory.
+
+    ``targets`` are the linears the scheme quantizes (:func:`kbitprep.app.metaplan.quantized_linears`):
+    each becomes a stand-in holding the scheme's storage, unless the model code reads its weight directly."""
     import peft
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .._experts import fused_expert_figures
     from .._memory import apply_memory_modes, state_of
-    from .._memory.trl_fused import decide_as_on
+    from .._memory.trl_fused import SFT_OUTPUTS, decide_as_on
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     mode.cache_enabled = False  # the op cache's hashing costs more than it saves on one step
@@ -698,15 +701,12 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
     model_notes: list[str] = []
     fused_experts = (0, 0, 0)
     if setup.scheme.quantizes:
-        exact = setup.scheme.name.startswith("bnb-")
         read = _weights_read_directly(model, targets)
         if read:
             model_notes.append(_read_directly_note(read, setup.scheme.name))
         for name in targets:
             lin = model.get_submodule(name)
             assert isinstance(lin, nn.Linear)
-            if exact and type(lin) is not nn.Linear:
-                continue  # transformers' bitsandbytes integration converts nn.Linear itself only (not Llama4Router)
             if name in read:
                 continue
             _set_module(model, name, _make_stand_in(lin, setup.scheme, setup.dtype, setup.target))
@@ -769,7 +769,7 @@ def simulate(setup: SimSetup, meta_model: nn.Module, targets: list[str]) -> SimR
         from trl.trainer.utils import add_fused_lm_head
 
         # as SFTTrainer does: the causal LM under the PEFT model, with the statistics its metrics read
-        add_fused_lm_head(pmodel.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))  # type: ignore[arg-type]
+        add_fused_lm_head(pmodel.get_base_model(), outputs=SFT_OUTPUTS)  # type: ignore[arg-type]
         fused = {"fused_lm_head": True}
     _fakify(pmodel, mode)
     with mode:

@@ -73,7 +73,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[Any]) 
 
 
 @pytest.mark.parametrize(
-    ("text", "hub"),
+    ("text", "expected"),
     [
         ("meta-llama/Llama-3.1-8B", True),
         ("gpt2", True),
@@ -86,8 +86,8 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[Any]) 
         ("bad id/with space", False),
     ],
 )
-def test_what_reads_as_a_hub_id(text: str, hub: bool) -> None:
-    assert is_hub_id(text) is hub
+def test_what_reads_as_a_hub_id(text: str, expected: bool) -> None:
+    assert is_hub_id(text) is expected
 
 
 def test_plan_config_takes_a_hub_id(hub: Path, capsys: pytest.CaptureFixture[str], no_network: list[Any]) -> None:
